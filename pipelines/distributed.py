@@ -1,0 +1,89 @@
+"""Process group and torchrec sharding: the same code path for one process and for torchrun.
+
+One process still goes through ``DistributedModelParallel``: that is where torchrec plugs
+fbgemm's table-batched embedding kernels with the optimizer fused into the backward pass
+(on CPU too), so a single-process run trains exactly as a sharded one does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torchrec.optim as trec_optim
+from torch import nn
+from torchrec.distributed import DistributedModelParallel
+from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
+from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
+from torchrec.optim.optimizers import in_backward_optimizer_filter
+
+log = logging.getLogger(__name__)
+
+EMBEDDING_OPTIMIZERS = {
+    "rowwise_adagrad": trec_optim.RowWiseAdagrad,
+    "adagrad": torch.optim.Adagrad,
+    "sgd": torch.optim.SGD,
+}
+DENSE_OPTIMIZERS = {"adagrad": torch.optim.Adagrad, "adam": torch.optim.Adam, "sgd": torch.optim.SGD}
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    rank: int
+    world_size: int
+    device: torch.device
+
+
+def init_process_group(device: str = "auto") -> ProcessInfo:
+    """Join torchrun's group (RANK/WORLD_SIZE set) or make a single-process one.
+
+    gloo on CPU, nccl on CUDA. Idempotent: an existing group is reused.
+    """
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    dev = torch.device("cuda", local_rank) if device == "cuda" else torch.device("cpu")
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend=backend)
+        else:
+            dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
+    return ProcessInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), device=dev)
+
+
+def shard_with_fused_optimizer(
+    model: nn.Module,
+    sparse_module: nn.Module,
+    embedding_optimizer: str,
+    embedding_lr: float,
+    dense_optimizer: str,
+    dense_lr: float,
+    device: torch.device,
+) -> tuple[DistributedModelParallel, CombinedOptimizer]:
+    """Wrap ``model`` in DMP with ``sparse_module``'s tables updated inside the backward pass.
+
+    Returns the sharded model and one optimizer whose ``step()`` updates the dense
+    parameters (the fused tables were already updated during ``backward()``) and whose
+    state dict holds both, for checkpoints.
+    """
+    if embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+        raise ValueError(
+            f"embedding optimizer must be one of {sorted(EMBEDDING_OPTIMIZERS)}, got {embedding_optimizer!r}"
+        )
+    if dense_optimizer not in DENSE_OPTIMIZERS:
+        raise ValueError(f"dense optimizer must be one of {sorted(DENSE_OPTIMIZERS)}, got {dense_optimizer!r}")
+    apply_optimizer_in_backward(
+        EMBEDDING_OPTIMIZERS[embedding_optimizer], sparse_module.parameters(), {"lr": embedding_lr}
+    )
+    dmp = DistributedModelParallel(module=model, device=device)
+    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    dense = KeyedOptimizerWrapper(dense_params, lambda params: DENSE_OPTIMIZERS[dense_optimizer](params, lr=dense_lr))
+    return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])

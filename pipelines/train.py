@@ -1,0 +1,395 @@
+"""Train torchrec's DLRM on a preprocessed Criteo dataset, evaluate it, and report.
+
+Example::
+
+    python -m pipelines.train --data data/pq --out runs/dlrm --epochs 2 --batch-size 1024
+
+``--out`` receives ``checkpoints/`` (resumable with ``--resume``), ``curves.png``,
+``metrics.json`` (validation and test AUC / log loss, samples/s, bytes per table) and
+``train.log``. Runs unchanged under ``torchrun --nproc_per_node N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+
+from pipelines.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipelines.cli_config import add_dataclass_arguments, build_config, config_to_dict
+from pipelines.distributed import (
+    DENSE_OPTIMIZERS,
+    EMBEDDING_OPTIMIZERS,
+    init_process_group,
+    shard_with_fused_optimizer,
+)
+from pipelines.evaluate import evaluate
+from pipelines.loader import ParquetBatchLoader
+from pipelines.preprocess import load_metadata
+from pipelines.report import format_table, human_bytes, plot_curves
+from recsys.dlrm import DLRMConfig, build_dense_collection, build_dlrm, table_bytes
+
+log = logging.getLogger("pipelines.train")
+
+METRICS_FILE = "metrics.json"
+CURVES_FILE = "curves.png"
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; stored in ``metrics.json`` and every checkpoint."""
+
+    batch_size: int = field(default=512, metadata=_help("training batch size (global, over all ranks)"))
+    epochs: int = field(default=1, metadata=_help("passes over the train split"))
+    max_steps: int = field(default=0, metadata=_help("stop after this many steps (0 = no limit)"))
+    embedding_dim: int = field(default=16, metadata=_help("width of every embedding table"))
+    dense_arch: tuple[int, ...] = field(default=(64, 16), metadata=_help("bottom MLP sizes; last = embedding-dim"))
+    over_arch: tuple[int, ...] = field(default=(128, 64, 1), metadata=_help("top MLP sizes; last = 1"))
+    interaction: Literal["dot", "dcn"] = field(default="dot", metadata=_help("DLRM dot interaction or DCN-v2"))
+    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = field(
+        default="rowwise_adagrad", metadata=_help("optimizer fused into the tables' backward pass (fbgemm)")
+    )
+    embedding_lr: float = field(default=0.05, metadata=_help("learning rate of the embedding tables"))
+    dense_optimizer: Literal["adagrad", "adam", "sgd"] = field(
+        default="adagrad", metadata=_help("optimizer of the MLPs")
+    )
+    dense_lr: float = field(default=0.05, metadata=_help("learning rate of the MLPs"))
+    eval_every: int = field(default=0, metadata=_help("validate every N steps (0 = at the end of each epoch)"))
+    eval_batch_size: int = field(default=4096, metadata=_help("batch size of evaluation"))
+    checkpoint_every: int = field(default=500, metadata=_help("checkpoint every N steps (0 = only at the end)"))
+    keep_checkpoints: int = field(default=2, metadata=_help("how many recent checkpoints to keep"))
+    select_best: bool = field(
+        default=False, metadata=_help("test (and export) the checkpoint with the best validation AUC")
+    )
+    shuffle_buffer: int = field(default=262_144, metadata=_help("rows shuffled together by the loader"))
+    log_every: int = field(default=20, metadata=_help("record the training loss every N steps"))
+    seed: int = field(default=0, metadata=_help("seed of initialisation and data order"))
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_help("where to train"))
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "epochs", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            raise ValueError(f"embedding_optimizer must be one of {sorted(EMBEDDING_OPTIMIZERS)}")
+        if self.dense_optimizer not in DENSE_OPTIMIZERS:
+            raise ValueError(f"dense_optimizer must be one of {sorted(DENSE_OPTIMIZERS)}")
+        if self.embedding_lr <= 0 or self.dense_lr <= 0:
+            raise ValueError("learning rates must be positive")
+        self.model_config()  # validates the architecture
+
+    def model_config(self) -> DLRMConfig:
+        return DLRMConfig(
+            embedding_dim=self.embedding_dim,
+            dense_arch=self.dense_arch,
+            over_arch=self.over_arch,
+            interaction=self.interaction,
+        )
+
+
+class Trainer:
+    """One training job: build, (resume), train, validate, checkpoint, test, report."""
+
+    def __init__(
+        self, config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = False, progress: bool = True
+    ) -> None:
+        self.config = config
+        self.data_dir = Path(data_dir)
+        self.out_dir = Path(out_dir)
+        self.resume = resume
+        self.metadata = load_metadata(self.data_dir)
+        self.info = init_process_group(config.device)
+        self.is_rank0 = self.info.rank == 0
+        self.progress = progress and self.is_rank0
+        if config.batch_size % self.info.world_size:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by world size {self.info.world_size}")
+
+        torch.manual_seed(config.seed)
+        vocab_sizes = self.metadata["vocab_sizes"]
+        collection = build_dense_collection(vocab_sizes, config.embedding_dim, device=torch.device("meta"))
+        self.table_bytes = {name.removeprefix("t_"): n for name, n in table_bytes(collection).items()}
+        from torchrec.models.dlrm import DLRMTrain
+
+        model = DLRMTrain(
+            build_dlrm(config.model_config(), collection, len(self.metadata["dense_features"]), device=self.info.device)
+        )
+        self.model, self.optimizer = shard_with_fused_optimizer(
+            model,
+            collection,
+            config.embedding_optimizer,
+            config.embedding_lr,
+            config.dense_optimizer,
+            config.dense_lr,
+            self.info.device,
+        )
+        local_batch = config.batch_size // self.info.world_size
+        self.train_loader = ParquetBatchLoader(
+            self.data_dir,
+            "train",
+            local_batch,
+            shuffle=True,
+            shuffle_buffer=config.shuffle_buffer,
+            seed=config.seed,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+        )
+        self.eval_loaders = {
+            split: ParquetBatchLoader(
+                self.data_dir,
+                split,
+                config.eval_batch_size,
+                shuffle=False,
+                rank=self.info.rank,
+                world_size=self.info.world_size,
+            )
+            for split in ("validation", "test")
+        }
+        self.state = {
+            "step": 0,
+            "epoch": 0,
+            "batch_in_epoch": 0,
+            "samples": 0,
+            "train_seconds": 0.0,
+            "history": {"train": [], "validation": []},
+            "best": None,
+        }
+
+    # -- state ----------------------------------------------------------------------
+    def _checkpoint_state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def _restore(self, path: Path) -> dict:
+        state = self._checkpoint_state()
+        trainer_state = load_checkpoint(path, state)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        return trainer_state
+
+    def _save(self, root: Path, keep: int) -> None:
+        save_checkpoint(
+            root,
+            self.state["step"],
+            self._checkpoint_state(),
+            {**self.state, "config": config_to_dict(self.config)},
+            keep=keep,
+        )
+
+    # -- loop -----------------------------------------------------------------------
+    def _validate(self) -> dict:
+        metrics = evaluate(self.model, self.eval_loaders["validation"].batches(), self.info.device)
+        point = {"step": self.state["step"], "auc": metrics["auc"], "logloss": metrics["logloss"]}
+        self.state["history"]["validation"].append(point)
+        log.info("step %d: validation AUC %.4f, log loss %.4f", point["step"], point["auc"], point["logloss"])
+        best = self.state["best"]
+        if self.config.select_best and (best is None or metrics["auc"] > best["auc"]):
+            self.state["best"] = point
+            self._save(self.out_dir / "best", keep=1)
+        return metrics
+
+    def _total_steps(self) -> int:
+        total = len(self.train_loader) * self.config.epochs
+        return min(total, self.config.max_steps) if self.config.max_steps else total
+
+    def train(self) -> None:
+        cfg = self.config
+        ckpt_root = self.out_dir / "checkpoints"
+        if self.resume:
+            latest = latest_checkpoint(ckpt_root)
+            if latest is None:
+                log.info("--resume: no checkpoint in %s, starting from scratch", ckpt_root)
+            else:
+                self.state = self._restore(latest)
+                self.state.pop("config", None)
+                log.info(
+                    "resumed from %s (step %d, epoch %d, batch %d)",
+                    latest,
+                    self.state["step"],
+                    self.state["epoch"],
+                    self.state["batch_in_epoch"],
+                )
+        total = self._total_steps()
+        bar = tqdm(
+            total=total,
+            initial=min(self.state["step"], total),
+            desc="train",
+            unit="step",
+            disable=not self.progress,
+            dynamic_ncols=True,
+        )
+        running, running_n = 0.0, 0
+        self.model.train()
+        done = self.state["step"] >= total
+        while not done and self.state["epoch"] < cfg.epochs:
+            epoch = self.state["epoch"]
+            tick = time.perf_counter()
+            for batch in self.train_loader.batches(epoch, self.state["batch_in_epoch"]):
+                loss, _ = self.model(batch.to(self.info.device))
+                self.optimizer.zero_grad()
+                loss.backward()  # the tables are updated here (fused optimizer)
+                self.optimizer.step()
+                loss_value = loss.item()
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"training loss is {loss_value} at step {self.state['step']}")
+                self.state["step"] += 1
+                self.state["batch_in_epoch"] += 1
+                self.state["samples"] += batch.labels.numel() * self.info.world_size
+                running += loss_value
+                running_n += 1
+                bar.update(1)
+                now = time.perf_counter()
+                self.state["train_seconds"] += now - tick
+                step = self.state["step"]
+                if step % cfg.log_every == 0:
+                    self.state["history"]["train"].append({"step": step, "loss": running / running_n})
+                    bar.set_postfix(loss=f"{running / running_n:.4f}")
+                    running, running_n = 0.0, 0
+                if cfg.eval_every and step % cfg.eval_every == 0:
+                    self._validate()
+                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+                    self._save(ckpt_root, cfg.keep_checkpoints)
+                if step >= total:
+                    done = True
+                    break
+                tick = time.perf_counter()
+            else:
+                self.state["epoch"] += 1
+                self.state["batch_in_epoch"] = 0
+                if not cfg.eval_every:
+                    self._validate()
+        bar.close()
+        history = self.state["history"]["validation"]
+        if not history or history[-1]["step"] != self.state["step"]:
+            self._validate()
+        self._save(ckpt_root, cfg.keep_checkpoints)
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        self.train()
+        if self.config.select_best and self.state["best"] is not None:
+            best_dir = latest_checkpoint(self.out_dir / "best")
+            if best_dir is not None:
+                history, samples, seconds = (self.state["history"], self.state["samples"], self.state["train_seconds"])
+                best = self._restore(best_dir)
+                log.info("selected the checkpoint of step %d (best validation AUC)", best["step"])
+                self.state.update(history=history, samples=samples, train_seconds=seconds, best=best["best"])
+        validation = evaluate(self.model, self.eval_loaders["validation"].batches(), self.info.device)
+        test = (
+            evaluate(self.model, self.eval_loaders["test"].batches(), self.info.device)
+            if self.metadata["splits"]["test"]["rows"]
+            else None
+        )
+        metrics = self._metrics(validation, test, time.perf_counter() - start)
+        if self.is_rank0:
+            self._report(metrics)
+        return metrics
+
+    # -- reporting ------------------------------------------------------------------
+    def _metrics(self, validation: dict, test: dict | None, wall: float) -> dict:
+        seconds = self.state["train_seconds"]
+        total_bytes = sum(self.table_bytes.values())
+        return {
+            "val_auc": validation["auc"],
+            "val_logloss": validation["logloss"],
+            "test_auc": None if test is None else test["auc"],
+            "test_logloss": None if test is None else test["logloss"],
+            "samples_per_second": self.state["samples"] / seconds if seconds > 0 else None,
+            "steps": self.state["step"],
+            "samples": self.state["samples"],
+            "train_seconds": seconds,
+            "wall_seconds": wall,
+            "table_bytes": self.table_bytes,
+            "total_table_bytes": total_bytes,
+            "selected_step": (self.state["best"] or {}).get("step", self.state["step"]),
+            "world_size": self.info.world_size,
+            "config": config_to_dict(self.config),
+            "data": str(self.data_dir),
+            "history": self.state["history"],
+        }
+
+    def _report(self, metrics: dict) -> None:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.out_dir / f".{METRICS_FILE}.tmp"
+        tmp.write_text(json.dumps(metrics, indent=2))
+        tmp.replace(self.out_dir / METRICS_FILE)
+        plot_curves(metrics["history"], self.out_dir / CURVES_FILE, title=f"DLRM on {self.data_dir.name}")
+
+        def fmt(v: float | None) -> object:
+            return "-" if v is None else v
+
+        rows = [
+            ["validation AUC", fmt(metrics["val_auc"])],
+            ["validation log loss", fmt(metrics["val_logloss"])],
+            ["test AUC", fmt(metrics["test_auc"])],
+            ["test log loss", fmt(metrics["test_logloss"])],
+            ["samples/s (train)", f"{metrics['samples_per_second']:,.0f}"],
+            ["steps", metrics["steps"]],
+            ["embedding tables", human_bytes(metrics["total_table_bytes"])],
+        ]
+        print("\n" + format_table(["metric", "value"], rows))
+        table_rows = [
+            [name, self.metadata["vocab_sizes"][name], human_bytes(n)] for name, n in self.table_bytes.items()
+        ]
+        print("\n" + format_table(["table", "rows", "bytes"], table_rows))
+        print(f"\nmetrics: {self.out_dir / METRICS_FILE}\ncurves:  {self.out_dir / CURVES_FILE}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.train",
+        description="Train torchrec's DLRM on a dataset written by pipelines.preprocess, with fbgemm's fused "
+        "embedding optimizer; validate, checkpoint, test, and write metrics.json and curves.png to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", type=Path, required=True, help="directory written by pipelines.preprocess")
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics.json, curves.png)")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of config values (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    add_dataclass_arguments(p, TrainConfig)
+    return p
+
+
+def setup_logging(out_dir: Path | None = None) -> None:
+    """Readable logs: ours at INFO, the libraries' chatter (torchrec, fbgemm, DDP) silenced."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(out_dir / "train.log"))
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
+    )
+    for ours in ("pipelines", "recsys", "kernels", "service"):
+        logging.getLogger(ours).setLevel(logging.INFO)
+    for noisy in ("torchrec", "torch", "fbgemm_gpu"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category, module=r"(torch|torchrec|fbgemm_gpu)(\.|$)")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.out)
+    config = build_config(TrainConfig, args, args.config)
+    log.info("config: %s", json.dumps(config_to_dict(config)))
+    trainer = Trainer(config, args.data, args.out, resume=args.resume, progress=not args.no_progress)
+    return trainer.run()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""Shared fixtures: the real data folder (through RECSYS_DATA_DIR) and small synthetic logs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from pipelines.generate import generate_tsv
+from pipelines.synthetic import SyntheticCriteoConfig
+
+SMALL_VOCABS = (50, 40, 2000, 1500, 30, 10, 300, 60, 3, 800, 200, 1800, 100,
+                20, 400, 1200, 8, 150, 90, 4, 1600, 12, 10, 700, 40, 500)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    """``../shared/data`` as named by RECSYS_DATA_DIR; skips only when the variable is unset."""
+    value = os.environ.get("RECSYS_DATA_DIR")
+    if not value:
+        pytest.skip("RECSYS_DATA_DIR is not set (.ci/run and `make test` set it)")
+    path = Path(value)
+    if not (path / "criteo").is_dir():
+        raise FileNotFoundError(f"RECSYS_DATA_DIR={value} has no criteo/ folder")
+    return path
+
+
+@pytest.fixture(scope="session")
+def small_config() -> SyntheticCriteoConfig:
+    """A synthetic log with small vocabularies, so short runs see every hot category often."""
+    return SyntheticCriteoConfig(vocab_sizes=SMALL_VOCABS, signal_scale=1.0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_tsv(tmp_path_factory, small_config) -> Path:
+    path = tmp_path_factory.mktemp("synthetic") / "train.tsv"
+    generate_tsv(path, rows=40_000, seed=1, config=small_config)
+    return path
