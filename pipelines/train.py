@@ -62,11 +62,11 @@ class TrainConfig:
     embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = field(
         default="rowwise_adagrad", metadata=_help("optimizer fused into the tables' backward pass (fbgemm)")
     )
-    embedding_lr: float = field(default=0.05, metadata=_help("learning rate of the embedding tables"))
+    embedding_lr: float = field(default=0.02, metadata=_help("learning rate of the embedding tables"))
     dense_optimizer: Literal["adagrad", "adam", "sgd"] = field(
         default="adagrad", metadata=_help("optimizer of the MLPs")
     )
-    dense_lr: float = field(default=0.05, metadata=_help("learning rate of the MLPs"))
+    dense_lr: float = field(default=0.01, metadata=_help("learning rate of the MLPs"))
     eval_every: int = field(default=0, metadata=_help("validate every N steps (0 = at the end of each epoch)"))
     eval_batch_size: int = field(default=4096, metadata=_help("batch size of evaluation"))
     checkpoint_every: int = field(default=500, metadata=_help("checkpoint every N steps (0 = only at the end)"))
@@ -327,7 +327,11 @@ class Trainer:
         tmp = self.out_dir / f".{METRICS_FILE}.tmp"
         tmp.write_text(json.dumps(metrics, indent=2))
         tmp.replace(self.out_dir / METRICS_FILE)
-        plot_curves(metrics["history"], self.out_dir / CURVES_FILE, title=f"DLRM on {self.data_dir.name}")
+        plot_curves(
+            metrics["history"],
+            self.out_dir / CURVES_FILE,
+            title=f"DLRM ({self.config.interaction} interaction) on {self.data_dir}",
+        )
 
         def fmt(v: float | None) -> object:
             return "-" if v is None else v
@@ -365,12 +369,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _drop_library_chatter(record: logging.LogRecord) -> bool:
+    """torchrec and fbgemm log planner notes as root-logger warnings; keep only their errors."""
+    noisy = any(part in record.pathname for part in ("/torchrec/", "/fbgemm_gpu/", "/torch/"))
+    return record.levelno >= logging.ERROR or not noisy
+
+
 def setup_logging(out_dir: Path | None = None) -> None:
     """Readable logs: ours at INFO, the libraries' chatter (torchrec, fbgemm, DDP) silenced."""
     handlers: list[logging.Handler] = [logging.StreamHandler()]
     if out_dir is not None:
         out_dir.mkdir(parents=True, exist_ok=True)
         handlers.append(logging.FileHandler(out_dir / "train.log"))
+    for handler in handlers:
+        handler.addFilter(_drop_library_chatter)
     logging.basicConfig(
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
     )

@@ -1,0 +1,128 @@
+"""Training samples/s: our trainer (DMP + fbgemm fused optimizer) against a plain torch loop.
+
+Both train torchrec's ``DLRM`` with the same architecture, tables, batches and learning
+rates, in one process:
+
+* ``baseline``: an unsharded ``EmbeddingBagCollection`` (``nn.EmbeddingBag`` per table,
+  dense gradients) with ``torch.optim.Adagrad`` over every parameter, the loop a user
+  writes first;
+* ``ours``: ``pipelines.train.Trainer``'s model: ``DistributedModelParallel`` with
+  fbgemm's table-batched embedding and row-wise Adagrad fused into the backward pass.
+
+Timing covers forward, backward and the update over ``--steps`` batches after ``--warmup``
+(the data is pre-loaded, so the loader is not measured); median over ``--repeats``.
+
+Run::
+
+    python -m bench.train_throughput --rows 200000 --batch-size 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torchrec.models.dlrm import DLRMTrain
+
+from pipelines.generate import generate_tsv
+from pipelines.loader import ParquetBatchLoader
+from pipelines.preprocess import PreprocessConfig, Preprocessor
+from pipelines.train import TrainConfig, Trainer
+from recsys.dlrm import build_dense_collection, build_dlrm
+
+
+def _time_steps(step, batches, warmup: int) -> float:
+    for b in batches[:warmup]:
+        step(b)
+    start = time.perf_counter()
+    for b in batches[warmup:]:
+        step(b)
+    return time.perf_counter() - start
+
+
+def baseline_step_fn(config: TrainConfig, vocab_sizes: dict):
+    torch.manual_seed(0)
+    collection = build_dense_collection(vocab_sizes, config.embedding_dim)
+    model = build_dlrm(config.model_config(), collection, 13)
+    opt = torch.optim.Adagrad(model.parameters(), lr=config.dense_lr)
+
+    def step(batch):
+        logits = model(batch.dense_features, batch.sparse_features).squeeze(1)
+        loss = F.binary_cross_entropy_with_logits(logits, batch.labels)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def ours_step_fn(config: TrainConfig, data: Path, out: Path):
+    trainer = Trainer(config, data, out, progress=False)
+    model, opt = trainer.model, trainer.optimizer
+
+    def step(batch):
+        loss, _ = model(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    assert isinstance(model.module, DLRMTrain)
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m bench.train_throughput", description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", type=int, default=200_000, help="synthetic rows generated (default: 200000)")
+    p.add_argument("--batch-size", type=int, default=512, help="batch size (default: 512)")
+    p.add_argument("--steps", type=int, default=100, help="timed steps per repeat (default: 100)")
+    p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
+    p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported (default: 3)")
+    p.add_argument("--max-index", type=int, default=100_000, help="rows per table, hashed (default: 100000)")
+    args = p.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_path = Path(tmp)
+        raw = tmp_path / "raw.tsv"
+        generate_tsv(raw, args.rows, seed=0)
+        cfg = PreprocessConfig(vocab="hash", max_index=(args.max_index,) * 26, split=(0.9, 0.05, 0.05))
+        meta = Preprocessor([raw], tmp_path / "pq", cfg, progress=False).run()
+        config = TrainConfig(batch_size=args.batch_size, checkpoint_every=0)
+        loader = ParquetBatchLoader(tmp_path / "pq", "train", args.batch_size, drop_last=True)
+        batches = list(loader.batches(0))[: args.warmup + args.steps]
+        if len(batches) < args.warmup + args.steps:
+            raise SystemExit(f"--rows {args.rows} gives only {len(batches)} batches; need {args.warmup + args.steps}")
+        timed = len(batches) - args.warmup
+        results = {}
+        for name, make in (
+            ("baseline: nn.EmbeddingBag + torch.optim.Adagrad", lambda: baseline_step_fn(config, meta["vocab_sizes"])),
+            (
+                "ours: DMP + fbgemm fused row-wise Adagrad",
+                lambda: ours_step_fn(config, tmp_path / "pq", tmp_path / "run"),
+            ),
+        ):
+            step = make()
+            seconds = [_time_steps(step, batches, args.warmup) for _ in range(args.repeats)]
+            results[name] = timed * args.batch_size / statistics.median(seconds)
+
+    base = next(iter(results.values()))
+    print(
+        f"machine: {platform.machine()} {platform.processor() or ''}, {os.cpu_count()} cpus, torch {torch.__version__}"
+    )
+    print(
+        f"26 tables x {args.max_index} rows x dim 16, batch {args.batch_size}, {timed} timed steps, median of "
+        f"{args.repeats}\n"
+    )
+    print(f"{'method':<52} {'samples/s':>12} {'ours/baseline':>14}")
+    for name, rate in results.items():
+        print(f"{name:<52} {rate:>12,.0f} {rate / base:>13.2f}x")
+
+
+if __name__ == "__main__":
+    main()

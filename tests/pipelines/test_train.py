@@ -1,0 +1,155 @@
+"""Training end to end on synthetic data: it learns the planted signal, reports, and resumes after a kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipelines.evaluate import binary_metrics
+from pipelines.generate import generate_tsv
+from pipelines.loader import ParquetBatchLoader
+from pipelines.preprocess import PreprocessConfig, Preprocessor, load_metadata
+from pipelines.synthetic import SyntheticCriteo
+from pipelines.train import TrainConfig, Trainer, build_parser
+from recsys.baselines import LogisticCTR
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def synthetic_data(tmp_path_factory, small_config):
+    root = tmp_path_factory.mktemp("train")
+    raw = root / "raw.tsv"
+    generate_tsv(raw, rows=100_000, seed=3, config=small_config)
+    Preprocessor([raw], root / "pq", PreprocessConfig(vocab="freq", max_index=(None,) * 26), progress=False).run()
+    return root / "pq"
+
+
+def _fit_logistic(data: Path, epochs: int = 3) -> float:
+    """Validation AUC of a logistic model (one-hot categoricals + dense) trained on the same split."""
+    torch.manual_seed(0)
+    meta = load_metadata(data)
+    model = LogisticCTR(meta["vocab_sizes"], 13)
+    opt = torch.optim.Adagrad(model.parameters(), lr=0.05)
+    train = ParquetBatchLoader(data, "train", 256, seed=0)
+    best = 0.0
+    for epoch in range(epochs):
+        for b in train.batches(epoch):
+            loss = F.binary_cross_entropy_with_logits(model(b.dense_features, b.sparse_features), b.labels)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            batches = list(ParquetBatchLoader(data, "validation", 4096, shuffle=False).batches())
+            logits = torch.cat([model(b.dense_features, b.sparse_features) for b in batches])
+            labels = torch.cat([b.labels for b in batches])
+        best = max(best, binary_metrics(logits, labels)["auc"])
+    return best
+
+
+@pytest.mark.slow
+def test_dlrm_learns_the_planted_signal(synthetic_data, small_config, tmp_path):
+    config = TrainConfig(epochs=1, batch_size=256, eval_every=100, checkpoint_every=0, seed=0)
+    metrics = Trainer(config, synthetic_data, tmp_path / "run", progress=False).run()
+    logistic_auc = _fit_logistic(synthetic_data)
+    block = SyntheticCriteo(small_config).sample(np.random.default_rng(123), 30_000)
+    oracle = binary_metrics(
+        torch.tensor(block.click_probability).logit(), torch.tensor(block.table["label"].to_numpy()).float()
+    )["auc"]
+    print(f"DLRM val AUC {metrics['val_auc']:.4f}, logistic {logistic_auc:.4f}, planted-model oracle {oracle:.4f}")
+    assert metrics["val_auc"] >= logistic_auc - 0.05
+    assert metrics["val_auc"] >= oracle - 0.06
+    # what a script reads back
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    for key in ("val_auc", "val_logloss", "test_auc", "test_logloss", "samples_per_second", "table_bytes"):
+        assert written[key] is not None, key
+    assert written["table_bytes"]["C3"] == load_metadata(synthetic_data)["vocab_sizes"]["C3"] * 16 * 4
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 10_000
+    assert len(written["history"]["validation"]) >= 3
+
+
+def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipelines.train",
+        "--data",
+        str(data),
+        "--out",
+        str(out),
+        "--epochs",
+        "3",
+        "--batch-size",
+        "256",
+        "--checkpoint-every",
+        "40",
+        "--eval-every",
+        "0",
+        "--no-progress",
+        *extra,
+    ]
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_from_its_checkpoint(synthetic_data, tmp_path):
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    reference = subprocess.run(
+        _train_cmd(synthetic_data, tmp_path / "ref"), env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(
+        _train_cmd(synthetic_data, out), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while time.time() < deadline and not list((out / "checkpoints").glob("step-*/trainer_state.json")):
+        time.sleep(0.01)
+    time.sleep(0.5)  # land somewhere after the first checkpoint, mid-epoch
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
+    killed_at = json.loads(sorted((out / "checkpoints").glob("step-*/trainer_state.json"))[-1].read_text())
+    assert killed_at["step"] > 0
+
+    resumed = subprocess.run(
+        _train_cmd(synthetic_data, out, "--resume"), env=env, cwd=REPO, capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from" in resumed.stderr
+    ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    got = json.loads((out / "metrics.json").read_text())
+    assert got["samples"] == ref["samples"]
+    assert got["steps"] == ref["steps"]
+    assert got["val_logloss"] == pytest.approx(ref["val_logloss"], abs=1e-6)
+    assert got["val_auc"] == pytest.approx(ref["val_auc"], abs=1e-6)
+    assert got["test_logloss"] == pytest.approx(ref["test_logloss"], abs=1e-6)
+
+
+def test_cli_help_documents_every_flag_and_config_file_precedence(tmp_path):
+    parser = build_parser()
+    text = parser.format_help()
+    for flag in ("--batch-size", "--embedding-lr", "--resume", "--config", "--select-best", "--max-steps"):
+        assert flag in text
+    config_file = tmp_path / "c.yaml"
+    config_file.write_text("batch_size: 64\nembedding_dim: 8\ndense_arch: [32, 8]\n")
+    from pipelines.cli_config import build_config
+
+    args = parser.parse_args(["--data", "d", "--out", "o", "--config", str(config_file), "--batch-size", "32"])
+    config = build_config(TrainConfig, args, args.config)
+    assert (config.batch_size, config.embedding_dim, config.dense_arch) == (32, 8, (32, 8))
+    config_file.write_text("batch_sise: 64\n")
+    with pytest.raises(ValueError, match="batch_sise"):
+        build_config(TrainConfig, args, config_file)
+    with pytest.raises(ValueError, match="dense_arch"):
+        TrainConfig(embedding_dim=8)
