@@ -161,3 +161,74 @@ def rowwise_adagrad_update(core: torch.Tensor, state: torch.Tensor, grad: CoreGr
     acc = state[grad.rows] + (flat * flat).mean(dim=1)
     state[grad.rows] = acc
     core[grad.rows] -= lr * grad.values / (acc.sqrt() + eps).reshape(-1, *([1] * (grad.values.dim() - 1)))
+
+
+# -- shapes and initialisation ---------------------------------------------------------------
+def _balanced_factors_exact(n: int, d: int) -> tuple[int, ...]:
+    """d factors of n (product exactly n), as equal as possible: the best of all factorisations."""
+    best: tuple[int, ...] | None = None
+
+    def search(rest: int, parts: list[int], k: int) -> None:
+        nonlocal best
+        if k == 1:
+            cand = tuple(sorted([*parts, rest]))
+            if best is None or max(cand) / min(cand) < max(best) / min(best):
+                best = cand
+            return
+        for f in range(1, rest + 1):
+            if rest % f == 0:
+                search(rest // f, [*parts, f], k - 1)
+
+    search(n, [], d)
+    assert best is not None
+    return best
+
+
+def suggest_shapes(num_embeddings: int, embedding_dim: int, d: int = 3) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """(p, q): ``prod(p) >= num_embeddings`` as tight and balanced as possible, ``prod(q) == embedding_dim``."""
+    if not 2 <= d <= 4:
+        raise ValueError(f"the number of TT cores must be 2, 3 or 4, got {d}")
+    if num_embeddings < 1 or embedding_dim < 1:
+        raise ValueError(f"num_embeddings and embedding_dim must be positive, got {num_embeddings}, {embedding_dim}")
+    p = [math.ceil(num_embeddings ** (1.0 / d))] * d
+    while math.prod(p) < num_embeddings:
+        p[p.index(min(p))] += 1
+    for k in range(d):  # shrink factors while the product still covers the table
+        while p[k] > 1 and math.prod(p) // p[k] * (p[k] - 1) >= num_embeddings:
+            p[k] -= 1
+    return tuple(sorted(p)), _balanced_factors_exact(embedding_dim, d)
+
+
+WEIGHT_DISTRIBUTIONS = ("normal", "uniform", "approx-normal", "approx-uniform")
+
+
+def init_cores(cores: list[torch.Tensor], ranks: tuple[int, ...], std: float, weight_dist: str, generator=None) -> None:
+    """Fill ``cores`` so the rebuilt rows have mean 0 and standard deviation ``std``.
+
+    A row entry is a sum over ``prod(ranks)`` products of one entry per core, so with
+    independent zero-mean cores ``var(W) = prod(ranks) * prod(var(G_k))``.
+
+    - ``normal`` / ``uniform``: every core has the same variance ``(std^2 / prod(ranks))^(1/d)``;
+      Gaussian, or uniform on a symmetric interval ``[-a, a]`` (so the rows are centred,
+      unlike FBTT's ``uniform``, which draws from ``[0, a]``).
+    - ``approx-normal`` / ``approx-uniform``: core ``k`` is scaled by its input rank,
+      ``var(G_k) = c / r_{k-1}``, which keeps every partial product at unit scale (the
+      rows' variance is the same); no rejection sampling anywhere.
+    """
+    if weight_dist not in WEIGHT_DISTRIBUTIONS:
+        raise ValueError(f"weight_dist must be one of {WEIGHT_DISTRIBUTIONS}, got {weight_dist!r}")
+    d = len(cores)
+    full = (1, *ranks, 1)
+    if weight_dist.startswith("approx"):
+        # prod_k (c / r_{k-1}) * prod(ranks) = c^d  ->  c = std^(2/d)
+        c = std ** (2.0 / d)
+        variances = [c / full[k] for k in range(d)]
+    else:
+        variances = [(std**2 / math.prod(ranks)) ** (1.0 / d)] * d
+    with torch.no_grad():
+        for core, var in zip(cores, variances, strict=True):
+            if weight_dist.endswith("normal"):
+                core.normal_(0.0, math.sqrt(var), generator=generator)
+            else:
+                bound = math.sqrt(3.0 * var)
+                core.uniform_(-bound, bound, generator=generator)
