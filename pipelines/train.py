@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+from torchrec.models.dlrm import DLRMTrain
 from tqdm import tqdm
 
 from pipelines.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -124,8 +125,6 @@ class Trainer:
         vocab_sizes = self.metadata["vocab_sizes"]
         collection = build_dense_collection(vocab_sizes, config.embedding_dim, device=torch.device("meta"))
         self.table_bytes = {name.removeprefix("t_"): n for name, n in table_bytes(collection).items()}
-        from torchrec.models.dlrm import DLRMTrain
-
         model = DLRMTrain(
             build_dlrm(config.model_config(), collection, len(self.metadata["dense_features"]), device=self.info.device)
         )
