@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels.tt import (
+    CoreGradient,
     PrefixTree,
     adagrad_update,
     core_shapes,
@@ -37,6 +38,7 @@ from kernels.tt import (
     tt_forward,
     tt_rows_naive,
 )
+from kernels.tt_cache import cache_lookup, count_rows, fit_cores_to_rows, select_most_frequent
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,38 @@ class _TTRows(torch.autograd.Function):
         return (None, None, *(g.to_dense(c) for g, c in zip(grads, cores, strict=True)))
 
 
+class _TTCachedRows(torch.autograd.Function):
+    """Distinct rows, the cached ones from ``cache_weight``, the others from the cores.
+
+    Backward trains both in place with the module's optimizer: cached rows as dense rows,
+    the others through the cores. Only used with ``sparse=True``.
+    """
+
+    @staticmethod
+    def forward(ctx, module: TTEmbeddingBag, unique, hit, slot, *cores):
+        miss = ~hit
+        tree = PrefixTree.build(unique[miss], module.tt_p_shapes)
+        rows = module.cache_weight.new_empty((unique.numel(), module.embedding_dim))
+        partials = None
+        if tree.rows.numel():
+            rows[miss], partials = tt_forward(list(cores), tree, module.tt_q_shapes)
+        rows[hit] = module.cache_weight[slot[hit]]
+        ctx.module, ctx.tree, ctx.partials, ctx.hit, ctx.slot = module, tree, partials, hit, slot
+        ctx.save_for_backward(*cores)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows: torch.Tensor):
+        module: TTEmbeddingBag = ctx.module
+        cores = [c.detach() for c in ctx.saved_tensors]
+        hit = ctx.hit
+        if ctx.partials is not None:
+            grads = tt_backward(cores, ctx.tree, ctx.partials, grad_rows[~hit].contiguous(), module.tt_q_shapes)
+            module._fused_update(grads)
+        module._cache_update(CoreGradient(rows=ctx.slot[hit], values=grad_rows[hit]))
+        return (None, None, None, None, *([None] * len(cores)))
+
+
 class TTEmbeddingBag(nn.Module):
     """Embedding bags over a TT-compressed ``num_embeddings x embedding_dim`` table.
 
@@ -82,7 +116,13 @@ class TTEmbeddingBag(nn.Module):
             ``prod(q) = D``); chosen as balanced as possible when None.
         optimizer, learning_rate, eps: the fused optimizer used with ``sparse=True``.
         sparse: True fuses the optimizer into backward; False gives ordinary core gradients.
-        use_cache, cache_size: LFU cache of hot rows (not available yet: raises).
+        use_cache, cache_size: LFU cache of the ``cache_size`` most frequently looked-up rows,
+            kept as dense rows, served and trained without contraction (``sparse=True``
+            only). Frequencies are counted in training mode; ``cache_populate()`` (re)fills
+            the cache from them; rows that leave it, and all rows on ``flush()``, are
+            written back into the cores (see ``kernels.tt_cache`` for what that means).
+        cache_writeback_iters: L-BFGS iterations of each write-back fit.
+        cache_writeback_anchors: rows served by the cores held in place per written row.
         weight_dist: ``normal``, ``uniform``, ``approx-normal`` or ``approx-uniform``
             (see ``kernels.tt.init_cores``); rows get std ``init_std`` (default
             ``1/sqrt(3N)``, the std of DLRM's ``U(-1/sqrt(N), 1/sqrt(N))``).
@@ -107,6 +147,8 @@ class TTEmbeddingBag(nn.Module):
         sparse: bool = True,
         use_cache: bool = False,
         cache_size: int = 0,
+        cache_writeback_iters: int = 50,
+        cache_writeback_anchors: int = 4,
         weight_dist: str = "approx-normal",
         enforce_embedding_dim: bool = False,
         mode: str = "sum",
@@ -127,8 +169,8 @@ class TTEmbeddingBag(nn.Module):
             raise TypeError(f"optimizer must be a recsys.OptimType, got {optimizer!r}")
         if learning_rate <= 0 or eps <= 0:
             raise ValueError(f"learning_rate and eps must be positive, got {learning_rate}, {eps}")
-        if use_cache:
-            raise NotImplementedError("use_cache: the LFU row cache is not available in this version")
+        if use_cache and (cache_size < 1 or not sparse):
+            raise ValueError(f"use_cache needs cache_size >= 1 and sparse=True, got {cache_size}, sparse={sparse}")
         auto_p, auto_q = suggest_shapes(
             num_embeddings, embedding_dim, len(tt_p_shapes or tt_q_shapes or []) or num_cores
         )
@@ -163,6 +205,10 @@ class TTEmbeddingBag(nn.Module):
                 self.register_buffer(f"optimizer_state_{k}", torch.zeros_like(core))
             elif optimizer == OptimType.EXACT_ROWWISE_ADAGRAD:
                 self.register_buffer(f"optimizer_state_{k}", torch.zeros(core.shape[0], device=device, dtype=dtype))
+        self.use_cache, self.cache_size = use_cache, cache_size
+        self.cache_writeback_iters, self.cache_writeback_anchors = cache_writeback_iters, cache_writeback_anchors
+        if use_cache:
+            self._init_cache(device, dtype)
 
     def extra_repr(self) -> str:
         return (
@@ -189,6 +235,147 @@ class TTEmbeddingBag(nn.Module):
                 rowwise_adagrad_update(
                     core.data, getattr(self, f"optimizer_state_{k}"), grad, self.learning_rate, self.eps
                 )
+
+    # -- LFU cache ---------------------------------------------------------------------------
+    def _init_cache(self, device, dtype) -> None:
+        c, n = self.cache_size, self.num_embeddings
+        self.register_buffer("cache_rows", torch.full((c,), n, dtype=torch.long, device=device))  # n = empty
+        self.register_buffer("cache_weight", torch.zeros(c, self.embedding_dim, device=device, dtype=dtype))
+        if self.optimizer == OptimType.EXACT_ADAGRAD:
+            self.register_buffer("cache_state", torch.zeros(c, self.embedding_dim, device=device, dtype=dtype))
+        elif self.optimizer == OptimType.EXACT_ROWWISE_ADAGRAD:
+            self.register_buffer("cache_state", torch.zeros(c, device=device, dtype=dtype))
+        # int32 keeps the counts at 4 bytes per row; they saturate instead of wrapping (see count_rows)
+        self.register_buffer("cache_counts", torch.zeros(n, dtype=torch.int32, device=device))
+        self.cache_lookups = self.cache_hits = 0
+        self.cache_writebacks = 0
+        self.last_writeback_error: tuple[float, float] = (0.0, 0.0)
+
+    def _cache_update(self, grad: CoreGradient) -> None:
+        """The fused optimizer on the cached dense rows (``grad.rows`` are cache slots)."""
+        if grad.rows.numel() == 0:
+            return
+        if self.optimizer in (OptimType.SGD, OptimType.EXACT_SGD):
+            sgd_update(self.cache_weight, grad, self.learning_rate)
+        elif self.optimizer == OptimType.EXACT_ADAGRAD:
+            adagrad_update(self.cache_weight, self.cache_state, grad, self.learning_rate, self.eps)
+        else:
+            rowwise_adagrad_update(self.cache_weight, self.cache_state, grad, self.learning_rate, self.eps)
+
+    def _require_cache(self) -> None:
+        if not self.use_cache:
+            raise RuntimeError("this TTEmbeddingBag was built with use_cache=False")
+
+    def _cached(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row ids, slots) of the occupied cache slots."""
+        occupied = self.cache_rows < self.num_embeddings
+        return self.cache_rows[occupied], occupied.nonzero().squeeze(1)
+
+    @torch.no_grad()
+    def _write_back(self, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """Fit the cores to the leaving rows' cached values, weighted by how often each is read.
+
+        Anchors: the most frequent rows served from the cores (``cache_writeback_anchors``
+        per written row), held at their current values, so the fit keeps what the traffic
+        reads instead of trading it for the written rows.
+        """
+        if rows.numel() == 0:
+            return
+        cores = [c.data for c in self.tt_cores]
+        served_by_cores = self.cache_counts.clone()
+        served_by_cores[self._cached()[0]] = 0
+        served_by_cores[rows] = 0
+        anchors = select_most_frequent(served_by_cores, self.cache_writeback_anchors * rows.numel())
+        anchor_values = tt_rows_naive([c.detach() for c in self.tt_cores], anchors, self.tt_p_shapes, self.tt_q_shapes)
+        all_rows = torch.cat([rows, anchors])
+        weights = self.cache_counts[all_rows].double().clamp_min(1.0)
+        self.last_writeback_error = fit_cores_to_rows(
+            cores,
+            all_rows,
+            torch.cat([self.cache_weight[slots], anchor_values]),
+            weights,
+            self.tt_p_shapes,
+            self.tt_q_shapes,
+            self.cache_writeback_iters,
+        )
+        self.cache_writebacks += int(rows.numel())
+
+    @torch.no_grad()
+    def cache_populate(self) -> None:
+        """Refill the cache with the ``cache_size`` most frequent rows seen so far (LFU).
+
+        Rows that stay keep their trained values and optimizer state; rows that leave are
+        written back into the cores first; rows that enter start from their TT value and a
+        fresh optimizer state (zero accumulators, as a new dense row has).
+        """
+        self._require_cache()
+        new_rows = select_most_frequent(self.cache_counts, self.cache_size)
+        old_rows, old_slots = self._cached()
+        leaving = ~torch.isin(old_rows, new_rows)
+        self._write_back(old_rows[leaving], old_slots[leaving])
+        staying, staying_slot = cache_lookup(self.cache_rows, new_rows)
+        weight = self.cache_weight.new_empty((new_rows.numel(), self.embedding_dim))
+        weight[staying] = self.cache_weight[staying_slot[staying]]
+        entering = new_rows[~staying]
+        cores = [c.detach() for c in self.tt_cores]
+        weight[~staying] = tt_rows_naive(cores, entering, self.tt_p_shapes, self.tt_q_shapes)
+        if hasattr(self, "cache_state"):
+            state = torch.zeros(
+                (new_rows.numel(), *self.cache_state.shape[1:]),
+                dtype=self.cache_state.dtype,
+                device=self.cache_state.device,
+            )
+            state[staying] = self.cache_state[staying_slot[staying]]
+            self.cache_state.zero_()
+            self.cache_state[: new_rows.numel()] = state
+        m = new_rows.numel()
+        self.cache_rows.fill_(self.num_embeddings)
+        self.cache_rows[:m] = new_rows
+        self.cache_weight.zero_()
+        self.cache_weight[:m] = weight
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Write every cached row back into the cores and empty the cache (counts are kept).
+
+        Afterwards forward, ``full_weight()`` and an exported checkpoint all read the cores only.
+        """
+        self._require_cache()
+        rows, slots = self._cached()
+        self._write_back(rows, slots)
+        self.cache_rows.fill_(self.num_embeddings)
+        self.cache_weight.zero_()
+        if hasattr(self, "cache_state"):
+            self.cache_state.zero_()
+
+    def cache_stats(self) -> dict[str, float]:
+        """Hit rate (share of looked-up indices served from the cache), occupancy, write-backs."""
+        self._require_cache()
+        occupied = int((self.cache_rows < self.num_embeddings).sum())
+        return {
+            "hit_rate": self.cache_hits / self.cache_lookups if self.cache_lookups else 0.0,
+            "lookups": self.cache_lookups,
+            "hits": self.cache_hits,
+            "occupancy": occupied / self.cache_size,
+            "cached_rows": occupied,
+            "writebacks": self.cache_writebacks,
+            "writeback_error_before": self.last_writeback_error[0],
+            "writeback_error_after": self.last_writeback_error[1],
+        }
+
+    def reset_cache_stats(self) -> None:
+        self._require_cache()
+        self.cache_lookups = self.cache_hits = 0
+
+    @property
+    def cache_bytes(self) -> int:
+        """Memory of the cache: rows, values, optimizer state and the frequency counts."""
+        if not self.use_cache:
+            return 0
+        names = ["cache_rows", "cache_weight", "cache_counts"] + (
+            ["cache_state"] if hasattr(self, "cache_state") else []
+        )
+        return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
     def _check(self, indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights) -> torch.Tensor:
         if indices.dim() != 1 or offsets.dim() != 1:
@@ -221,14 +408,37 @@ class TTEmbeddingBag(nn.Module):
         """Pooled rows per bag: (B, embedding_dim). ``offsets`` of length B or B+1."""
         offsets = self._check(indices, offsets, per_sample_weights)
         unique, inverse = torch.unique(indices.long(), return_inverse=True)
-        rows = _TTRows.apply(self, unique, *self.tt_cores)  # (U, D)
+        if self.use_cache:
+            if self.training:
+                count_rows(self.cache_counts, unique, inverse)
+            hit, slot = cache_lookup(self.cache_rows, unique)
+            self.cache_lookups += indices.numel()
+            self.cache_hits += int(hit[inverse].sum())
+            if torch.is_grad_enabled():
+                rows = _TTCachedRows.apply(self, unique, hit, slot, *self.tt_cores)
+            else:
+                rows = self._rows_with_cache(unique, hit, slot)
+        else:
+            rows = _TTRows.apply(self, unique, *self.tt_cores)  # (U, D)
         return F.embedding_bag(
             inverse, rows, offsets, mode=self.mode, per_sample_weights=per_sample_weights, include_last_offset=True
         )
 
+    def _rows_with_cache(self, unique, hit, slot) -> torch.Tensor:
+        cores = [c.detach() for c in self.tt_cores]
+        rows = self.cache_weight.new_empty((unique.numel(), self.embedding_dim))
+        if not bool(hit.all()):
+            rows[~hit] = tt_forward(cores, PrefixTree.build(unique[~hit], self.tt_p_shapes), self.tt_q_shapes)[0]
+        rows[hit] = self.cache_weight[slot[hit]]
+        return rows
+
     @torch.no_grad()
     def full_weight(self, chunk_rows: int = 65_536) -> torch.Tensor:
-        """The dense (num_embeddings, embedding_dim) matrix rebuilt from the cores (for tests/export)."""
+        """The dense (num_embeddings, embedding_dim) matrix the module serves (for tests/export).
+
+        Rebuilt from the cores, with the cached rows' values where the cache holds them
+        (``flush()`` first for a matrix of the cores alone).
+        """
         cores = [c.detach() for c in self.tt_cores]
         parts = [
             tt_rows_naive(
@@ -239,4 +449,8 @@ class TTEmbeddingBag(nn.Module):
             )
             for s in range(0, self.num_embeddings, chunk_rows)
         ]
-        return torch.cat(parts)
+        weight = torch.cat(parts)
+        if self.use_cache:
+            rows, slots = self._cached()
+            weight[rows] = self.cache_weight[slots]
+        return weight

@@ -139,5 +139,3 @@ def test_compression_at_fbtt_benchmark_shape_and_clear_errors():
     small.include_last_offset = True
     with pytest.raises(ValueError, match="offsets must end"):
         small(torch.tensor([5, 6]), torch.tensor([0, 1]))
-    with pytest.raises(NotImplementedError, match="cache"):
-        TTEmbeddingBag(100, 8, tt_ranks=4, use_cache=True, cache_size=10)
