@@ -1,0 +1,204 @@
+"""``TTEmbeddingBagCollection``: torchrec's ``EmbeddingBagCollection`` with TT-compressed tables.
+
+TT-Rec compresses only the large tables: a 100-row table costs nothing dense and gains
+nothing from a tensor train. So each table is either a ``TTEmbeddingBag`` (rows above
+``TTConfig.threshold``, or named in ``TTConfig.tt_tables``) or stays in an ordinary
+torchrec ``EmbeddingBagCollection``, which ``DistributedModelParallel`` shards and trains
+with fbgemm's fused kernels as before. The collection takes a ``KeyedJaggedTensor`` and
+returns a ``KeyedTensor``, and answers ``embedding_bag_configs()``, so torchrec's ``DLRM``
+and ``DLRM_DCN`` take it as their ``embedding_bag_collection`` unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
+from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
+
+from recsys.tt_embedding import OptimType, TTEmbeddingBag
+
+TT_OPTIMIZERS = {
+    "sgd": OptimType.EXACT_SGD,
+    "adagrad": OptimType.EXACT_ADAGRAD,
+    "rowwise_adagrad": OptimType.EXACT_ROWWISE_ADAGRAD,
+}
+
+
+@dataclass(frozen=True)
+class TTConfig:
+    """How the tables of a collection are compressed.
+
+    Args:
+        ranks: TT ranks, one int for all inner ranks or a list of d-1.
+        threshold: tables with more rows than this become TT (TT-Rec leaves small ones dense).
+        tt_tables / dense_tables: table names forced to TT / to dense, whatever their size.
+        optimizer: the fused optimizer of the TT cores (``sgd``, ``adagrad``, ``rowwise_adagrad``).
+        learning_rate, eps: its settings.
+        num_cores: d, the number of cores (2-4), shapes chosen automatically.
+        cache_size: rows of each TT table's LFU cache (0 = no cache).
+        weight_dist: initialisation of the cores (``kernels.tt.init_cores``).
+    """
+
+    ranks: int | tuple[int, ...] = 16
+    threshold: int = 10_000
+    tt_tables: tuple[str, ...] = ()
+    dense_tables: tuple[str, ...] = ()
+    optimizer: str = "rowwise_adagrad"
+    learning_rate: float = 0.02
+    eps: float = 1.0e-8
+    num_cores: int = 3
+    cache_size: int = 0
+    weight_dist: str = "approx-normal"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in TT_OPTIMIZERS:
+            raise ValueError(f"TT optimizer must be one of {sorted(TT_OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.threshold < 0 or self.cache_size < 0:
+            raise ValueError(f"threshold and cache_size must be >= 0, got {self.threshold}, {self.cache_size}")
+        if set(self.tt_tables) & set(self.dense_tables):
+            raise ValueError(f"tables both forced TT and dense: {sorted(set(self.tt_tables) & set(self.dense_tables))}")
+
+    def is_tt(self, table: EmbeddingBagConfig) -> bool:
+        if table.name in self.tt_tables:
+            return True
+        if table.name in self.dense_tables:
+            return False
+        return table.num_embeddings > self.threshold
+
+
+class TTEmbeddingBagCollection(nn.Module):
+    """Pooled embeddings of a ``KeyedJaggedTensor``, large tables TT-compressed.
+
+    Args:
+        tables: torchrec ``EmbeddingBagConfig`` s (each table may serve several features).
+        tt_config: which tables are TT and how they are trained (``TTConfig``).
+        device: device of the TT cores; ``dense_device`` of the dense tables (``meta``
+            lets ``DistributedModelParallel`` materialise them sharded).
+    """
+
+    def __init__(
+        self,
+        tables: Sequence[EmbeddingBagConfig],
+        tt_config: TTConfig | None = None,
+        device: torch.device | None = None,
+        dense_device: torch.device | None = None,
+    ) -> None:
+        super().__init__()
+        if not tables:
+            raise ValueError("a collection needs at least one table")
+        self.tt_config = tt_config or TTConfig()
+        self._configs = list(tables)
+        seen: set[str] = set()
+        for table in self._configs:
+            dup = seen & set(table.feature_names)
+            if dup:
+                raise ValueError(f"features served by two tables: {sorted(dup)}")
+            seen |= set(table.feature_names)
+        cfg = self.tt_config
+        unknown = (set(cfg.tt_tables) | set(cfg.dense_tables)) - {t.name for t in self._configs}
+        if unknown:
+            raise ValueError(f"TTConfig names unknown tables: {sorted(unknown)}")
+        self.tt_tables = nn.ModuleDict()
+        for table in self._configs:
+            if cfg.is_tt(table):
+                self.tt_tables[table.name] = TTEmbeddingBag(
+                    table.num_embeddings,
+                    table.embedding_dim,
+                    tt_ranks=cfg.ranks if isinstance(cfg.ranks, int) else list(cfg.ranks),
+                    optimizer=TT_OPTIMIZERS[cfg.optimizer],
+                    learning_rate=cfg.learning_rate,
+                    eps=cfg.eps,
+                    num_cores=cfg.num_cores,
+                    use_cache=cfg.cache_size > 0,
+                    cache_size=cfg.cache_size,
+                    weight_dist=cfg.weight_dist,
+                    enforce_embedding_dim=True,
+                    mode=table.pooling.name.lower(),
+                    include_last_offset=True,
+                    device=device,
+                )
+        dense = [t for t in self._configs if t.name not in self.tt_tables]
+        self.dense = EmbeddingBagCollection(tables=dense, device=dense_device) if dense else None
+        self._dense_features = [f for t in dense for f in t.feature_names]
+        self._tt_features = {f: t.name for t in self._configs if t.name in self.tt_tables for f in t.feature_names}
+        self._feature_order = [f for t in self._configs for f in t.feature_names]
+
+    def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
+        return self._configs
+
+    def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
+        keys = features.keys()
+        missing = [f for f in self._feature_order if f not in keys]
+        if missing:
+            raise KeyError(f"the KeyedJaggedTensor lacks features {missing}")
+        pooled: dict[str, torch.Tensor] = {}
+        if self.dense is not None:
+            index = {k: i for i, k in enumerate(keys)}
+            dense_kjt = features.permute([index[f] for f in self._dense_features])
+            pooled.update(self.dense(dense_kjt).to_dict())
+        jagged = features.to_dict()
+        for feature, table in self._tt_features.items():
+            jt = jagged[feature]
+            pooled[feature] = self.tt_tables[table](jt.values(), jt.offsets(), jt.weights_or_none())
+        return KeyedTensor.from_tensor_list(self._feature_order, [pooled[f] for f in self._feature_order])
+
+    # -- TT bookkeeping --------------------------------------------------------------
+    def cache_populate(self) -> None:
+        """Refill the LFU cache of every TT table that has one."""
+        for table in self.tt_tables.values():
+            if table.use_cache:
+                table.cache_populate()
+
+    def flush(self) -> None:
+        """Write every cached row back into its cores (before export or evaluation of the cores)."""
+        for table in self.tt_tables.values():
+            if table.use_cache:
+                table.flush()
+
+    def table_report(self) -> dict[str, dict]:
+        """Per table: kind, rows, bytes as stored, bytes dense, and the TT shape if any."""
+        report = {}
+        for table in self._configs:
+            dense_bytes = table.num_embeddings * table.embedding_dim * 4
+            if table.name in self.tt_tables:
+                tt = self.tt_tables[table.name]
+                report[table.name] = {
+                    "kind": "tt",
+                    "rows": table.num_embeddings,
+                    "bytes": tt.compressed_bytes,
+                    "dense_bytes": tt.dense_bytes,
+                    "cache_bytes": tt.cache_bytes,
+                    "p_shapes": list(tt.tt_p_shapes),
+                    "q_shapes": list(tt.tt_q_shapes),
+                    "ranks": list(tt.tt_ranks),
+                }
+            else:
+                report[table.name] = {
+                    "kind": "dense",
+                    "rows": table.num_embeddings,
+                    "bytes": dense_bytes,
+                    "dense_bytes": dense_bytes,
+                    "cache_bytes": 0,
+                }
+        return report
+
+    def cache_stats(self) -> dict[str, dict]:
+        return {name: t.cache_stats() for name, t in self.tt_tables.items() if t.use_cache}
+
+
+def tt_parameter_names(model: nn.Module) -> list[str]:
+    """Fully-qualified names of the TT cores in ``model`` (updated in backward, not by an optimizer)."""
+    return [
+        f"{prefix}.{name}" if prefix else name
+        for prefix, module in model.named_modules()
+        if isinstance(module, TTEmbeddingBag)
+        for name, _ in module.named_parameters()
+    ]
+
+
+def tt_modules(model: nn.Module) -> list[TTEmbeddingBag]:
+    return [m for m in model.modules() if isinstance(m, TTEmbeddingBag)]
