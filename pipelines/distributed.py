@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +17,7 @@ import torch.distributed as dist
 import torchrec.optim as trec_optim
 from torch import nn
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -61,15 +63,18 @@ def init_process_group(device: str = "auto") -> ProcessInfo:
 
 def shard_with_fused_optimizer(
     model: nn.Module,
-    sparse_module: nn.Module,
+    sparse_module: nn.Module | None,
     embedding_optimizer: str,
     embedding_lr: float,
     dense_optimizer: str,
     dense_lr: float,
     device: torch.device,
+    self_updating: Sequence[str] = (),
 ) -> tuple[DistributedModelParallel, CombinedOptimizer]:
     """Wrap ``model`` in DMP with ``sparse_module``'s tables updated inside the backward pass.
 
+    ``self_updating`` names parameters that update themselves in their own backward (the
+    TT cores): they are kept out of DDP's gradient reduction and of the dense optimizer.
     Returns the sharded model and one optimizer whose ``step()`` updates the dense
     parameters (the fused tables were already updated during ``backward()``) and whose
     state dict holds both, for checkpoints.
@@ -80,10 +85,22 @@ def shard_with_fused_optimizer(
         )
     if dense_optimizer not in DENSE_OPTIMIZERS:
         raise ValueError(f"dense optimizer must be one of {sorted(DENSE_OPTIMIZERS)}, got {dense_optimizer!r}")
-    apply_optimizer_in_backward(
-        EMBEDDING_OPTIMIZERS[embedding_optimizer], sparse_module.parameters(), {"lr": embedding_lr}
-    )
-    dmp = DistributedModelParallel(module=model, device=device)
-    dense_params = dict(in_backward_optimizer_filter(dmp.named_parameters()))
+    if sparse_module is not None:
+        apply_optimizer_in_backward(
+            EMBEDDING_OPTIMIZERS[embedding_optimizer], sparse_module.parameters(), {"lr": embedding_lr}
+        )
+    wrapper = DefaultDataParallelWrapper(params_to_ignore=list(self_updating))
+    dmp = DistributedModelParallel(module=model, device=device, data_parallel_wrapper=wrapper)
+    skip = set(self_updating)
+    dense_params = {
+        name: p for name, p in in_backward_optimizer_filter(dmp.named_parameters()) if _unwrapped_name(name) not in skip
+    }
     dense = KeyedOptimizerWrapper(dense_params, lambda params: DENSE_OPTIMIZERS[dense_optimizer](params, lr=dense_lr))
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+def _unwrapped_name(name: str) -> str:
+    """A DMP parameter name without the wrappers' prefixes (``_dmp_wrapped_module.``, ``module.``)."""
+    for prefix in ("_dmp_wrapped_module.", "module."):
+        name = name.removeprefix(prefix)
+    return name

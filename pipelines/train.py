@@ -37,7 +37,8 @@ from pipelines.evaluate import evaluate
 from pipelines.loader import ParquetBatchLoader
 from pipelines.preprocess import load_metadata
 from pipelines.report import format_table, human_bytes, plot_curves
-from recsys.dlrm import DLRMConfig, build_dense_collection, build_dlrm, table_bytes
+from recsys.dlrm import DLRMConfig, build_dense_collection, build_dlrm, table_bytes, table_configs
+from recsys.tt_collection import TTConfig, TTEmbeddingBagCollection, tt_parameter_names
 
 log = logging.getLogger("pipelines.train")
 
@@ -77,6 +78,20 @@ class TrainConfig:
     )
     shuffle_buffer: int = field(default=262_144, metadata=_help("rows shuffled together by the loader"))
     log_every: int = field(default=20, metadata=_help("record the training loss every N steps"))
+    embeddings: Literal["dense", "tt"] = field(
+        default="dense", metadata=_help("dense tables (fbgemm) or TT-compressed tables above --tt-threshold rows")
+    )
+    tt_ranks: tuple[int, ...] = field(default=(16,), metadata=_help("TT ranks: one for all, or d-1 of them"))
+    tt_threshold: int = field(default=10_000, metadata=_help("tables with more rows than this become TT"))
+    tt_cores: int = field(default=3, metadata=_help("number of TT cores per table (2-4)"))
+    tt_optimizer: Literal["same", "rowwise_adagrad", "adagrad", "sgd"] = field(
+        default="same", metadata=_help("fused optimizer of the TT cores ('same' = --embedding-optimizer)")
+    )
+    tt_lr: float = field(default=0.0, metadata=_help("learning rate of the TT cores (0 = --embedding-lr)"))
+    tt_cache_size: int = field(default=0, metadata=_help("rows of each TT table's LFU cache (0 = no cache)"))
+    tt_cache_refresh: int = field(
+        default=500, metadata=_help("refill the LFU caches from the row frequencies every N steps")
+    )
     seed: int = field(default=0, metadata=_help("seed of initialisation and data order"))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_help("where to train"))
 
@@ -91,9 +106,24 @@ class TrainConfig:
             raise ValueError(f"embedding_optimizer must be one of {sorted(EMBEDDING_OPTIMIZERS)}")
         if self.dense_optimizer not in DENSE_OPTIMIZERS:
             raise ValueError(f"dense_optimizer must be one of {sorted(DENSE_OPTIMIZERS)}")
-        if self.embedding_lr <= 0 or self.dense_lr <= 0:
+        if self.embedding_lr <= 0 or self.dense_lr <= 0 or self.tt_lr < 0:
             raise ValueError("learning rates must be positive")
+        if self.tt_cache_refresh < 1:
+            raise ValueError(f"tt_cache_refresh must be >= 1, got {self.tt_cache_refresh}")
+        self.tt_config()  # validates the TT settings
         self.model_config()  # validates the architecture
+
+    def tt_config(self) -> TTConfig:
+        ranks = self.tt_ranks[0] if len(self.tt_ranks) == 1 else self.tt_ranks
+        optimizer = self.embedding_optimizer if self.tt_optimizer == "same" else self.tt_optimizer
+        return TTConfig(
+            ranks=ranks,
+            threshold=self.tt_threshold,
+            optimizer=optimizer,
+            learning_rate=self.tt_lr or self.embedding_lr,
+            num_cores=self.tt_cores,
+            cache_size=self.tt_cache_size,
+        )
 
     def model_config(self) -> DLRMConfig:
         return DLRMConfig(
@@ -123,20 +153,57 @@ class Trainer:
 
         torch.manual_seed(config.seed)
         vocab_sizes = self.metadata["vocab_sizes"]
-        collection = build_dense_collection(vocab_sizes, config.embedding_dim, device=torch.device("meta"))
-        self.table_bytes = {name.removeprefix("t_"): n for name, n in table_bytes(collection).items()}
+        meta = torch.device("meta")
+        self.tt_collection: TTEmbeddingBagCollection | None = None
+        if config.embeddings == "tt":
+            collection = TTEmbeddingBagCollection(
+                table_configs(vocab_sizes, config.embedding_dim),
+                config.tt_config(),
+                device=self.info.device,
+                dense_device=meta,
+            )
+            self.tt_collection = collection
+            self.table_report = collection.table_report()
+            sparse_module = collection.dense
+        else:
+            collection = build_dense_collection(vocab_sizes, config.embedding_dim, device=meta)
+            self.table_report = {
+                name: {
+                    "kind": "dense",
+                    "rows": collection.embedding_bags[name].num_embeddings,
+                    "bytes": n,
+                    "dense_bytes": n,
+                    "cache_bytes": 0,
+                }
+                for name, n in table_bytes(collection).items()
+            }
+            sparse_module = collection
+        self.table_bytes = {name.removeprefix("t_"): r["bytes"] for name, r in self.table_report.items()}
         model = DLRMTrain(
             build_dlrm(config.model_config(), collection, len(self.metadata["dense_features"]), device=self.info.device)
         )
         self.model, self.optimizer = shard_with_fused_optimizer(
             model,
-            collection,
+            sparse_module,
             config.embedding_optimizer,
             config.embedding_lr,
             config.dense_optimizer,
             config.dense_lr,
             self.info.device,
+            self_updating=tt_parameter_names(model),
         )
+        if self.tt_collection is not None:
+            log.info(
+                "TT tables: %s; embeddings %s instead of %s dense (%.0fx smaller)",
+                ", ".join(
+                    f"{n} {r['p_shapes']}x{r['q_shapes']} r{r['ranks']}"
+                    for n, r in self.table_report.items()
+                    if r["kind"] == "tt"
+                ),
+                human_bytes(sum(r["bytes"] for r in self.table_report.values())),
+                human_bytes(sum(r["dense_bytes"] for r in self.table_report.values())),
+                self._compression_ratio(),
+            )
         local_batch = config.batch_size // self.info.world_size
         self.train_loader = ParquetBatchLoader(
             self.data_dir,
@@ -168,6 +235,10 @@ class Trainer:
             "history": {"train": [], "validation": []},
             "best": None,
         }
+
+    def _compression_ratio(self) -> float:
+        stored = sum(r["bytes"] for r in self.table_report.values())
+        return sum(r["dense_bytes"] for r in self.table_report.values()) / stored
 
     # -- state ----------------------------------------------------------------------
     def _checkpoint_state(self) -> dict:
@@ -258,6 +329,8 @@ class Trainer:
                     self.state["history"]["train"].append({"step": step, "loss": running / running_n})
                     bar.set_postfix(loss=f"{running / running_n:.4f}")
                     running, running_n = 0.0, 0
+                if self.tt_collection is not None and cfg.tt_cache_size and step % cfg.tt_cache_refresh == 0:
+                    self.tt_collection.cache_populate()
                 if cfg.eval_every and step % cfg.eval_every == 0:
                     self._validate()
                 if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
@@ -312,8 +385,13 @@ class Trainer:
             "samples": self.state["samples"],
             "train_seconds": seconds,
             "wall_seconds": wall,
+            "embeddings": self.config.embeddings,
             "table_bytes": self.table_bytes,
             "total_table_bytes": total_bytes,
+            "dense_table_bytes": sum(r["dense_bytes"] for r in self.table_report.values()),
+            "compression_ratio": self._compression_ratio(),
+            "tables": {name.removeprefix("t_"): r for name, r in self.table_report.items()},
+            "cache": self.tt_collection.cache_stats() if self.tt_collection is not None else {},
             "selected_step": (self.state["best"] or {}).get("step", self.state["step"]),
             "world_size": self.info.world_size,
             "config": config_to_dict(self.config),
@@ -343,12 +421,27 @@ class Trainer:
             ["samples/s (train)", f"{metrics['samples_per_second']:,.0f}"],
             ["steps", metrics["steps"]],
             ["embedding tables", human_bytes(metrics["total_table_bytes"])],
+            ["as dense tables", human_bytes(metrics["dense_table_bytes"])],
+            ["compression", f"{metrics['compression_ratio']:.1f}x"],
         ]
+        if metrics["cache"]:
+            lookups = sum(c["lookups"] for c in metrics["cache"].values())
+            hits = sum(c["hits"] for c in metrics["cache"].values())
+            cache_bytes = sum(r["cache_bytes"] for r in metrics["tables"].values())
+            rows.append(["TT cache hit rate", f"{hits / lookups:.3f}" if lookups else "-"])
+            rows.append(["TT caches (training only)", human_bytes(cache_bytes)])
         print("\n" + format_table(["metric", "value"], rows))
         table_rows = [
-            [name, self.metadata["vocab_sizes"][name], human_bytes(n)] for name, n in self.table_bytes.items()
+            [
+                name,
+                r["rows"],
+                r["kind"] + (f" {r['p_shapes']}x{r['q_shapes']} r{r['ranks']}" if r["kind"] == "tt" else ""),
+                human_bytes(r["bytes"]),
+                f"{r['dense_bytes'] / r['bytes']:.1f}x",
+            ]
+            for name, r in metrics["tables"].items()
         ]
-        print("\n" + format_table(["table", "rows", "bytes"], table_rows))
+        print("\n" + format_table(["table", "rows", "kind", "bytes", "compression"], table_rows))
         print(f"\nmetrics: {self.out_dir / METRICS_FILE}\ncurves:  {self.out_dir / CURVES_FILE}")
 
 

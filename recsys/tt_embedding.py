@@ -286,7 +286,7 @@ class TTEmbeddingBag(nn.Module):
         served_by_cores[self._cached()[0]] = 0
         served_by_cores[rows] = 0
         anchors = select_most_frequent(served_by_cores, self.cache_writeback_anchors * rows.numel())
-        anchor_values = tt_rows_naive([c.detach() for c in self.tt_cores], anchors, self.tt_p_shapes, self.tt_q_shapes)
+        anchor_values = self._rows_from_cores(anchors)
         all_rows = torch.cat([rows, anchors])
         weights = self.cache_counts[all_rows].double().clamp_min(1.0)
         self.last_writeback_error = fit_cores_to_rows(
@@ -299,6 +299,14 @@ class TTEmbeddingBag(nn.Module):
             self.cache_writeback_iters,
         )
         self.cache_writebacks += int(rows.numel())
+
+    @torch.no_grad()
+    def _rows_from_cores(self, rows: torch.Tensor) -> torch.Tensor:
+        """The TT rows ``rows`` (any number, none included), ignoring the cache."""
+        if rows.numel() == 0:
+            return self.tt_cores[0].new_zeros((0, self.embedding_dim))
+        cores = [c.detach() for c in self.tt_cores]
+        return tt_rows_naive(cores, rows, self.tt_p_shapes, self.tt_q_shapes)
 
     @torch.no_grad()
     def cache_populate(self) -> None:
@@ -317,8 +325,7 @@ class TTEmbeddingBag(nn.Module):
         weight = self.cache_weight.new_empty((new_rows.numel(), self.embedding_dim))
         weight[staying] = self.cache_weight[staying_slot[staying]]
         entering = new_rows[~staying]
-        cores = [c.detach() for c in self.tt_cores]
-        weight[~staying] = tt_rows_naive(cores, entering, self.tt_p_shapes, self.tt_q_shapes)
+        weight[~staying] = self._rows_from_cores(entering)
         if hasattr(self, "cache_state"):
             state = torch.zeros(
                 (new_rows.numel(), *self.cache_state.shape[1:]),

@@ -153,3 +153,44 @@ def test_cli_help_documents_every_flag_and_config_file_precedence(tmp_path):
         build_config(TrainConfig, args, config_file)
     with pytest.raises(ValueError, match="dense_arch"):
         TrainConfig(embedding_dim=8)
+
+
+def _tt_config(**overrides) -> TrainConfig:
+    settings = dict(
+        epochs=1, batch_size=256, eval_every=0, checkpoint_every=0, seed=0, embeddings="tt", tt_ranks=(8,),
+        tt_threshold=500, tt_cache_size=64, tt_cache_refresh=40,
+    )  # fmt: skip
+    return TrainConfig(**{**settings, **overrides})
+
+
+@pytest.mark.slow
+def test_tt_dlrm_learns_the_planted_signal_and_reports_its_tables(synthetic_data, tmp_path, capsys):
+    metrics = Trainer(_tt_config(), synthetic_data, tmp_path / "tt", progress=False).run()
+    dense = Trainer(_tt_config(embeddings="dense"), synthetic_data, tmp_path / "dense", progress=False).run()
+    assert metrics["val_auc"] >= dense["val_auc"] - 0.01
+    vocab = load_metadata(synthetic_data)["vocab_sizes"]
+    tables = metrics["tables"]
+    assert {n for n, r in tables.items() if r["kind"] == "tt"} == {n for n, v in vocab.items() if v > 500}
+    assert tables["C3"]["dense_bytes"] == vocab["C3"] * 16 * 4 > tables["C3"]["bytes"]
+    assert metrics["compression_ratio"] == pytest.approx(
+        sum(r["dense_bytes"] for r in tables.values()) / sum(r["bytes"] for r in tables.values())
+    )
+    assert metrics["cache"]["t_C3"]["occupancy"] == 1.0 and metrics["cache"]["t_C3"]["hit_rate"] > 0.3
+    out = capsys.readouterr().out
+    assert "compression" in out and "TT cache hit rate" in out and "tt [" in out
+    print(f"TT DLRM val AUC {metrics['val_auc']:.4f} ({metrics['compression_ratio']:.1f}x smaller), "
+          f"dense {dense['val_auc']:.4f}")  # fmt: skip
+
+
+@pytest.mark.slow
+def test_tt_run_resumes_exactly_from_a_checkpoint(synthetic_data, tmp_path):
+    """Cores, their optimizer state, the cache and its counts all travel in the checkpoint."""
+    config = _tt_config(max_steps=120, checkpoint_every=60, tt_cache_refresh=30)
+    full = Trainer(config, synthetic_data, tmp_path / "full", progress=False).run()
+    Trainer(_tt_config(max_steps=60, checkpoint_every=60, tt_cache_refresh=30), synthetic_data, tmp_path / "cut",
+            progress=False).run()  # fmt: skip
+    resumed = Trainer(config, synthetic_data, tmp_path / "cut", resume=True, progress=False).run()
+    assert resumed["steps"] == full["steps"] == 120
+    assert resumed["samples"] == full["samples"]
+    assert resumed["val_logloss"] == pytest.approx(full["val_logloss"], abs=1e-6)
+    assert resumed["val_auc"] == pytest.approx(full["val_auc"], abs=1e-6)
