@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from kernels.tt import mixed_radix_digits, tt_rows_naive
+from kernels.tt_layout import tt_rows_from_digits
 
 
 def cache_lookup(cache_rows: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,45 +51,46 @@ def select_most_frequent(counts: torch.Tensor, capacity: int) -> torch.Tensor:
 @torch.enable_grad()
 def fit_cores_to_rows(
     cores: list[torch.Tensor],
-    rows: torch.Tensor,
+    digits: torch.Tensor,
     targets: torch.Tensor,
     weights: torch.Tensor,
-    p_shapes: tuple[int, ...],
     q_shapes: tuple[int, ...],
     iterations: int = 20,
 ) -> tuple[float, float]:
-    """Move the core slices ``rows`` use so their TT rows approach ``targets``; in place.
+    """Move the core slices the rows use so their TT rows approach ``targets``; in place.
 
-    Minimises ``sum_r weights[r] * |TT(r) - targets[r]|^2`` by L-BFGS over the touched slices
-    only (gathered into small leaf tensors, so the cost grows with ``len(rows)``, not with the
-    table). Callers pass, besides the rows to write, "anchor" rows that share their slices with
-    their current values as targets, so the fit does not buy the written rows at the price of
-    the rows the traffic reads. Returns the weighted relative error before and after; the
-    cores are only changed if the error fell.
+    ``digits`` (n, d) are the rows' core slices (``TTLayout.digits``). Minimises
+    ``sum_r weights[r] * |TT(r) - targets[r]|^2`` by L-BFGS over the touched slices only
+    (gathered into small leaf tensors, so the cost grows with the number of rows, not with
+    the table). Callers pass, besides the rows to write, "anchor" rows that share their
+    slices with their current values as targets, so the fit does not buy the written rows at
+    the price of the rows the traffic reads. Returns the weighted relative error before and
+    after; the cores are only changed if the error fell.
     """
-    if rows.numel() == 0:
+    if digits.shape[0] == 0:
         return 0.0, 0.0
-    digits = mixed_radix_digits(rows, p_shapes)
     slices, local_digits = [], []
     for k in range(len(cores)):
         used, local = torch.unique(digits[:, k], return_inverse=True)
         slices.append(used)
         local_digits.append(local)
-    params = [core.detach()[used].clone().requires_grad_(True) for core, used in zip(cores, slices, strict=True)]
-    # tt_rows_naive indexes cores by mixed-radix digits; give it the local digits directly
-    local_rows = torch.zeros_like(rows)
-    local_p = tuple(int(s.numel()) for s in slices)
-    for k in range(len(cores)):
-        local_rows = local_rows * local_p[k] + local_digits[k]
-    w = weights.to(targets.dtype).reshape(-1, 1)
+    # float64 whatever the cores are: L-BFGS's curvature estimates overflow float32 near the optimum
+    params = [
+        core.detach()[used].to(torch.float64).requires_grad_(True) for core, used in zip(cores, slices, strict=True)
+    ]
+    local = torch.stack(local_digits, dim=1)
+    targets = targets.to(torch.float64)
+    w = weights.to(torch.float64).reshape(-1, 1)
     scale = (w * targets * targets).sum().clamp_min(torch.finfo(targets.dtype).tiny)
 
     def error() -> torch.Tensor:
-        residual = tt_rows_naive(params, local_rows, local_p, q_shapes) - targets
+        residual = tt_rows_from_digits(params, local, q_shapes) - targets
         return ((w * residual * residual).sum() / scale).sqrt()
 
     with torch.no_grad():
         before = float(error())
+    if before < 1e-9:  # already there
+        return before, before
     optimizer = torch.optim.LBFGS(params, max_iter=iterations, line_search_fn="strong_wolfe")
 
     def closure() -> torch.Tensor:
@@ -101,9 +102,9 @@ def fit_cores_to_rows(
     optimizer.step(closure)
     with torch.no_grad():
         after = float(error())
-        if after < before:  # never make it worse than doing nothing
+        if after < before:  # never make it worse than doing nothing (nor non-finite)
             for core, used, param in zip(cores, slices, params, strict=True):
-                core[used] = param.detach()
+                core[used] = param.detach().to(core.dtype)
         else:
             after = before
     return before, after

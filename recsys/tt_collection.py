@@ -19,7 +19,7 @@ from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-from recsys.tt_embedding import OptimType, TTEmbeddingBag
+from recsys.tt_embedding import OptimType, TableBatchedTTEmbeddingBag, TTEmbeddingBag
 
 TT_OPTIMIZERS = {
     "sgd": OptimType.EXACT_SGD,
@@ -39,7 +39,8 @@ class TTConfig:
         optimizer: the fused optimizer of the TT cores (``sgd``, ``adagrad``, ``rowwise_adagrad``).
         learning_rate, eps: its settings.
         num_cores: d, the number of cores (2-4), shapes chosen automatically.
-        cache_size: rows of each TT table's LFU cache (0 = no cache).
+        cache_size: LFU cache rows per TT table (0 = no cache); the tables of a group share
+            one cache of ``cache_size x tables`` rows, filled by frequency across all of them.
         weight_dist: initialisation of the cores (``kernels.tt.init_cores``).
     """
 
@@ -102,30 +103,53 @@ class TTEmbeddingBagCollection(nn.Module):
         unknown = (set(cfg.tt_tables) | set(cfg.dense_tables)) - {t.name for t in self._configs}
         if unknown:
             raise ValueError(f"TTConfig names unknown tables: {sorted(unknown)}")
-        self.tt_tables = nn.ModuleDict()
+        # TT tables that can share one contraction (same width and pooling) form one group,
+        # a TableBatchedTTEmbeddingBag: one dedup, one prefix tree, one fused update per step
+        groups: dict[tuple[int, str], list[EmbeddingBagConfig]] = {}
         for table in self._configs:
             if cfg.is_tt(table):
-                self.tt_tables[table.name] = TTEmbeddingBag(
-                    table.num_embeddings,
-                    table.embedding_dim,
-                    tt_ranks=cfg.ranks if isinstance(cfg.ranks, int) else list(cfg.ranks),
-                    optimizer=TT_OPTIMIZERS[cfg.optimizer],
-                    learning_rate=cfg.learning_rate,
-                    eps=cfg.eps,
-                    num_cores=cfg.num_cores,
-                    use_cache=cfg.cache_size > 0,
-                    cache_size=cfg.cache_size,
-                    weight_dist=cfg.weight_dist,
-                    enforce_embedding_dim=True,
-                    mode=table.pooling.name.lower(),
-                    include_last_offset=True,
-                    device=device,
-                )
-        dense = [t for t in self._configs if t.name not in self.tt_tables]
+                groups.setdefault((table.embedding_dim, table.pooling.name.lower()), []).append(table)
+        self.tt_groups = nn.ModuleDict()
+        self._tt_location: dict[str, tuple[str, int]] = {}  # table -> (group, index in the group)
+        for g, ((dim, mode), members) in enumerate(groups.items()):
+            name = f"group_{g}"
+            self.tt_groups[name] = TableBatchedTTEmbeddingBag(
+                len(members),
+                [t.num_embeddings for t in members],
+                dim,
+                tt_ranks=cfg.ranks if isinstance(cfg.ranks, int) else list(cfg.ranks),
+                optimizer=TT_OPTIMIZERS[cfg.optimizer],
+                learning_rate=cfg.learning_rate,
+                eps=cfg.eps,
+                num_cores=cfg.num_cores,
+                use_cache=cfg.cache_size > 0,
+                cache_size=cfg.cache_size * len(members),
+                weight_dist=cfg.weight_dist,
+                enforce_embedding_dim=True,
+                mode=mode,
+                include_last_offset=True,
+                device=device,
+            )
+            for i, table in enumerate(members):
+                self._tt_location[table.name] = (name, i)
+        dense = [t for t in self._configs if t.name not in self._tt_location]
         self.dense = EmbeddingBagCollection(tables=dense, device=dense_device) if dense else None
         self._dense_features = [f for t in dense for f in t.feature_names]
-        self._tt_features = {f: t.name for t in self._configs if t.name in self.tt_tables for f in t.feature_names}
+        self._group_features: dict[str, list[tuple[str, int]]] = {name: [] for name in self.tt_groups}
+        for table in self._configs:
+            if table.name in self._tt_location:
+                group, index = self._tt_location[table.name]
+                self._group_features[group].extend((f, index) for f in table.feature_names)
         self._feature_order = [f for t in self._configs for f in t.feature_names]
+
+    @property
+    def tt_table_names(self) -> list[str]:
+        return list(self._tt_location)
+
+    def tt_table(self, name: str) -> tuple[TableBatchedTTEmbeddingBag, int]:
+        """The module holding TT table ``name`` and the table's index in it."""
+        group, index = self._tt_location[name]
+        return self.tt_groups[group], index
 
     def embedding_bag_configs(self) -> list[EmbeddingBagConfig]:
         return self._configs
@@ -140,39 +164,62 @@ class TTEmbeddingBagCollection(nn.Module):
             index = {k: i for i, k in enumerate(keys)}
             dense_kjt = features.permute([index[f] for f in self._dense_features])
             pooled.update(self.dense(dense_kjt).to_dict())
-        jagged = features.to_dict()
-        for feature, table in self._tt_features.items():
-            jt = jagged[feature]
-            pooled[feature] = self.tt_tables[table](jt.values(), jt.offsets(), jt.weights_or_none())
+        index = {k: i for i, k in enumerate(keys)}
+        for group, members in self._group_features.items():
+            pooled.update(self._lookup_group(self.tt_groups[group], features, index, members))
         return KeyedTensor.from_tensor_list(self._feature_order, [pooled[f] for f in self._feature_order])
+
+    @staticmethod
+    def _lookup_group(
+        module: TableBatchedTTEmbeddingBag,
+        features: KeyedJaggedTensor,
+        index: dict[str, int],
+        members: list[tuple[str, int]],
+    ) -> dict[str, torch.Tensor]:
+        """All the group's features in one lookup: global row ids = row + the table's start."""
+        kjt = features.permute([index[f] for f, _ in members])
+        values, offsets, batch = kjt.values().long(), kjt.offsets().long(), kjt.stride()
+        sizes = torch.tensor(module.table_num_embeddings, device=values.device)
+        table_of_feature = torch.tensor([t for _, t in members], device=values.device)
+        per_feature = offsets[batch::batch] - offsets[:-1:batch]  # values of each feature
+        table = torch.repeat_interleave(table_of_feature, per_feature, output_size=values.numel())
+        if values.numel() and (bool((values < 0).any()) or bool((values >= sizes[table]).any())):
+            bad = int(((values < 0) | (values >= sizes[table])).nonzero()[0])
+            feature = members[int(torch.searchsorted(offsets[::batch], torch.tensor(bad), right=True)) - 1][0]
+            raise IndexError(
+                f"feature {feature!r}: id {int(values[bad])} outside its table of {int(sizes[table[bad]])} rows"
+            )
+        starts = sizes.cumsum(0) - sizes
+        pooled = module.lookup_global(values + starts[table], offsets, kjt.weights_or_none())
+        return {f: pooled[i * batch : (i + 1) * batch] for i, (f, _) in enumerate(members)}
 
     # -- TT bookkeeping --------------------------------------------------------------
     def cache_populate(self) -> None:
         """Refill the LFU cache of every TT table that has one."""
-        for table in self.tt_tables.values():
-            if table.use_cache:
-                table.cache_populate()
+        for group in self.tt_groups.values():
+            if group.use_cache:
+                group.cache_populate()
 
     def flush(self) -> None:
         """Write every cached row back into its cores (before export or evaluation of the cores)."""
-        for table in self.tt_tables.values():
-            if table.use_cache:
-                table.flush()
+        for group in self.tt_groups.values():
+            if group.use_cache:
+                group.flush()
 
     def table_report(self) -> dict[str, dict]:
         """Per table: kind, rows, bytes as stored, bytes dense, and the TT shape if any."""
         report = {}
         for table in self._configs:
             dense_bytes = table.num_embeddings * table.embedding_dim * 4
-            if table.name in self.tt_tables:
-                tt = self.tt_tables[table.name]
+            if table.name in self._tt_location:
+                tt, t = self.tt_table(table.name)
                 report[table.name] = {
                     "kind": "tt",
                     "rows": table.num_embeddings,
-                    "bytes": tt.compressed_bytes,
-                    "dense_bytes": tt.dense_bytes,
-                    "cache_bytes": tt.cache_bytes,
-                    "p_shapes": list(tt.tt_p_shapes),
+                    "bytes": tt.table_compressed_bytes(t),
+                    "dense_bytes": dense_bytes,
+                    "cache_bytes": tt.cache_bytes // tt.num_tables,  # the group's cache, shared
+                    "p_shapes": list(tt.tt_p_shapes[t]),
                     "q_shapes": list(tt.tt_q_shapes),
                     "ranks": list(tt.tt_ranks),
                 }
@@ -187,7 +234,12 @@ class TTEmbeddingBagCollection(nn.Module):
         return report
 
     def cache_stats(self) -> dict[str, dict]:
-        return {name: t.cache_stats() for name, t in self.tt_tables.items() if t.use_cache}
+        """Per group of TT tables (they share one cache): hit rate, occupancy, write-backs."""
+        return {
+            name: {**g.cache_stats(), "tables": [t for t, (gn, _) in self._tt_location.items() if gn == name]}
+            for name, g in self.tt_groups.items()
+            if g.use_cache
+        }
 
 
 def tt_parameter_names(model: nn.Module) -> list[str]:

@@ -27,7 +27,6 @@ from torch import nn
 
 from kernels.tt import (
     CoreGradient,
-    PrefixTree,
     adagrad_update,
     core_shapes,
     init_cores,
@@ -36,9 +35,9 @@ from kernels.tt import (
     suggest_shapes,
     tt_backward,
     tt_forward,
-    tt_rows_naive,
 )
 from kernels.tt_cache import cache_lookup, count_rows, fit_cores_to_rows, select_most_frequent
+from kernels.tt_layout import TTLayout, tt_rows_from_digits
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +56,7 @@ class _TTRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module: TTEmbeddingBag, unique: torch.Tensor, *cores: torch.Tensor) -> torch.Tensor:
-        tree = PrefixTree.build(unique, module.tt_p_shapes)
+        tree = module.layout.build_tree(unique)
         rows, partials = tt_forward(list(cores), tree, module.tt_q_shapes)
         ctx.module, ctx.tree, ctx.partials = module, tree, partials
         ctx.save_for_backward(*cores)
@@ -84,7 +83,7 @@ class _TTCachedRows(torch.autograd.Function):
     @staticmethod
     def forward(ctx, module: TTEmbeddingBag, unique, hit, slot, *cores):
         miss = ~hit
-        tree = PrefixTree.build(unique[miss], module.tt_p_shapes)
+        tree = module.layout.build_tree(unique[miss])
         rows = module.cache_weight.new_empty((unique.numel(), module.embedding_dim))
         partials = None
         if tree.rows.numel():
@@ -104,6 +103,37 @@ class _TTCachedRows(torch.autograd.Function):
             module._fused_update(grads)
         module._cache_update(CoreGradient(rows=ctx.slot[hit], values=grad_rows[hit]))
         return (None, None, None, None, *([None] * len(cores)))
+
+
+def _resolve_shapes(
+    num_embeddings: int,
+    embedding_dim: int,
+    tt_ranks: Sequence[int] | int,
+    tt_p_shapes: Sequence[int] | None,
+    tt_q_shapes: Sequence[int] | None,
+    num_cores: int,
+    enforce_embedding_dim: bool,
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...], int]:
+    """(p, q, ranks, embedding_dim) from FBTT's arguments, checked; shapes chosen when absent."""
+    if num_embeddings < 1 or embedding_dim < 1:
+        raise ValueError(f"num_embeddings and embedding_dim must be positive, got {num_embeddings}, {embedding_dim}")
+    auto_p, auto_q = suggest_shapes(num_embeddings, embedding_dim, len(tt_p_shapes or tt_q_shapes or []) or num_cores)
+    p = tuple(tt_p_shapes) if tt_p_shapes is not None else auto_p
+    q = tuple(tt_q_shapes) if tt_q_shapes is not None else auto_q
+    d = len(p)
+    if len(q) != d or not 2 <= d <= 4:
+        raise ValueError(f"tt_p_shapes {list(p)} and tt_q_shapes {list(q)} need the same length, 2 to 4")
+    if math.prod(p) < num_embeddings:
+        raise ValueError(f"tt_p_shapes {list(p)} cover {math.prod(p)} rows < num_embeddings={num_embeddings}")
+    if math.prod(q) != embedding_dim:
+        if enforce_embedding_dim:
+            raise ValueError(f"tt_q_shapes {list(q)} multiply to {math.prod(q)} != embedding_dim={embedding_dim}")
+        log.warning("tt_q_shapes %s give embedding_dim %d instead of %d", list(q), math.prod(q), embedding_dim)
+        embedding_dim = math.prod(q)
+    ranks = (tt_ranks,) * (d - 1) if isinstance(tt_ranks, int) else tuple(tt_ranks)
+    if len(ranks) != d - 1 or any(r < 1 for r in ranks):
+        raise ValueError(f"tt_ranks must be {d - 1} positive ints (or one int), got {tt_ranks!r}")
+    return p, q, ranks, embedding_dim
 
 
 class TTEmbeddingBag(nn.Module):
@@ -159,10 +189,54 @@ class TTEmbeddingBag(nn.Module):
         dtype: torch.dtype = torch.float32,
     ) -> None:
         super().__init__()
-        if num_embeddings < 1 or embedding_dim < 1:
-            raise ValueError(
-                f"num_embeddings and embedding_dim must be positive, got {num_embeddings}, {embedding_dim}"
-            )
+        p, q, ranks, embedding_dim = _resolve_shapes(
+            num_embeddings, embedding_dim, tt_ranks, tt_p_shapes, tt_q_shapes, num_cores, enforce_embedding_dim
+        )
+        self.num_embeddings, self.tt_p_shapes = num_embeddings, p
+        self._setup(
+            TTLayout((num_embeddings,), (p,)),
+            embedding_dim,
+            q,
+            ranks,
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            eps=eps,
+            sparse=sparse,
+            use_cache=use_cache,
+            cache_size=cache_size,
+            cache_writeback_iters=cache_writeback_iters,
+            cache_writeback_anchors=cache_writeback_anchors,
+            weight_dist=weight_dist,
+            mode=mode,
+            include_last_offset=include_last_offset,
+            init_std=init_std,
+            device=device,
+            dtype=dtype,
+        )
+
+    def _setup(
+        self,
+        layout: TTLayout,
+        embedding_dim: int,
+        q: tuple[int, ...],
+        ranks: tuple[int, ...],
+        *,
+        optimizer: OptimType,
+        learning_rate: float,
+        eps: float,
+        sparse: bool,
+        use_cache: bool,
+        cache_size: int,
+        cache_writeback_iters: int,
+        cache_writeback_anchors: int,
+        weight_dist: str,
+        mode: str,
+        include_last_offset: bool,
+        init_std: float | None,
+        device,
+        dtype: torch.dtype,
+    ) -> None:
+        """Cores, optimizer state and cache for the tables of ``layout`` (one or several)."""
         if mode not in ("sum", "mean"):
             raise ValueError(f"mode must be 'sum' or 'mean', got {mode!r}")
         if not isinstance(optimizer, OptimType):
@@ -171,35 +245,19 @@ class TTEmbeddingBag(nn.Module):
             raise ValueError(f"learning_rate and eps must be positive, got {learning_rate}, {eps}")
         if use_cache and (cache_size < 1 or not sparse):
             raise ValueError(f"use_cache needs cache_size >= 1 and sparse=True, got {cache_size}, sparse={sparse}")
-        auto_p, auto_q = suggest_shapes(
-            num_embeddings, embedding_dim, len(tt_p_shapes or tt_q_shapes or []) or num_cores
-        )
-        p = tuple(tt_p_shapes) if tt_p_shapes is not None else auto_p
-        q = tuple(tt_q_shapes) if tt_q_shapes is not None else auto_q
-        d = len(p)
-        if len(q) != d or not 2 <= d <= 4:
-            raise ValueError(f"tt_p_shapes {list(p)} and tt_q_shapes {list(q)} need the same length, 2 to 4")
-        if math.prod(p) < num_embeddings:
-            raise ValueError(f"tt_p_shapes {list(p)} cover {math.prod(p)} rows < num_embeddings={num_embeddings}")
-        if math.prod(q) != embedding_dim:
-            if enforce_embedding_dim:
-                raise ValueError(f"tt_q_shapes {list(q)} multiply to {math.prod(q)} != embedding_dim={embedding_dim}")
-            log.warning("tt_q_shapes %s give embedding_dim %d instead of %d", list(q), math.prod(q), embedding_dim)
-            embedding_dim = math.prod(q)
-        ranks = (tt_ranks,) * (d - 1) if isinstance(tt_ranks, int) else tuple(tt_ranks)
-        if len(ranks) != d - 1 or any(r < 1 for r in ranks):
-            raise ValueError(f"tt_ranks must be {d - 1} positive ints (or one int), got {tt_ranks!r}")
-
-        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
-        self.tt_p_shapes, self.tt_q_shapes, self.tt_ranks = p, q, ranks
+        self.layout, self.embedding_dim = layout, embedding_dim
+        self.tt_q_shapes, self.tt_ranks = q, ranks
         self.optimizer, self.learning_rate, self.eps = optimizer, learning_rate, eps
         self.sparse, self.mode, self.weight_dist = sparse, mode, weight_dist
         self.include_last_offset = include_last_offset
+        stacked_p = [layout.core_rows(k) for k in range(layout.num_cores)]
         self.tt_cores = nn.ParameterList(
-            nn.Parameter(torch.empty(s, device=device, dtype=dtype)) for s in core_shapes(p, q, ranks)
+            nn.Parameter(torch.empty(s, device=device, dtype=dtype)) for s in core_shapes(stacked_p, q, ranks)
         )
-        std = init_std if init_std is not None else 1.0 / math.sqrt(3.0 * num_embeddings)
-        init_cores(list(self.tt_cores), ranks, std, weight_dist)
+        for t, rows in enumerate(layout.num_embeddings):
+            std = init_std if init_std is not None else 1.0 / math.sqrt(3.0 * rows)
+            table_cores = [core.data[sl] for core, sl in zip(self.tt_cores, layout.table_slices(t), strict=True)]
+            init_cores(table_cores, ranks, std, weight_dist)
         for k, core in enumerate(self.tt_cores):  # optimizer state as buffers, so checkpoints see it
             if optimizer == OptimType.EXACT_ADAGRAD:
                 self.register_buffer(f"optimizer_state_{k}", torch.zeros_like(core))
@@ -207,6 +265,7 @@ class TTEmbeddingBag(nn.Module):
                 self.register_buffer(f"optimizer_state_{k}", torch.zeros(core.shape[0], device=device, dtype=dtype))
         self.use_cache, self.cache_size = use_cache, cache_size
         self.cache_writeback_iters, self.cache_writeback_anchors = cache_writeback_iters, cache_writeback_anchors
+        self._empty = layout.total_rows  # the id of an empty cache slot: sorts after every row
         if use_cache:
             self._init_cache(device, dtype)
 
@@ -223,7 +282,14 @@ class TTEmbeddingBag(nn.Module):
 
     @property
     def dense_bytes(self) -> int:
-        return self.num_embeddings * self.embedding_dim * self.tt_cores[0].element_size()
+        return self.layout.total_rows * self.embedding_dim * self.tt_cores[0].element_size()
+
+    def table_compressed_bytes(self, t: int) -> int:
+        """Bytes of table ``t``'s slices of the cores."""
+        return sum(
+            core[sl].numel() * core.element_size()
+            for core, sl in zip(self.tt_cores, self.layout.table_slices(t), strict=True)
+        )
 
     def _fused_update(self, grads) -> None:
         for k, (core, grad) in enumerate(zip(self.tt_cores, grads, strict=True)):
@@ -238,7 +304,7 @@ class TTEmbeddingBag(nn.Module):
 
     # -- LFU cache ---------------------------------------------------------------------------
     def _init_cache(self, device, dtype) -> None:
-        c, n = self.cache_size, self.num_embeddings
+        c, n = self.cache_size, self.layout.total_rows
         self.register_buffer("cache_rows", torch.full((c,), n, dtype=torch.long, device=device))  # n = empty
         self.register_buffer("cache_weight", torch.zeros(c, self.embedding_dim, device=device, dtype=dtype))
         if self.optimizer == OptimType.EXACT_ADAGRAD:
@@ -268,7 +334,7 @@ class TTEmbeddingBag(nn.Module):
 
     def _cached(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(row ids, slots) of the occupied cache slots."""
-        occupied = self.cache_rows < self.num_embeddings
+        occupied = self.cache_rows < self._empty
         return self.cache_rows[occupied], occupied.nonzero().squeeze(1)
 
     @torch.no_grad()
@@ -291,10 +357,9 @@ class TTEmbeddingBag(nn.Module):
         weights = self.cache_counts[all_rows].double().clamp_min(1.0)
         self.last_writeback_error = fit_cores_to_rows(
             cores,
-            all_rows,
+            self.layout.digits(all_rows),
             torch.cat([self.cache_weight[slots], anchor_values]),
             weights,
-            self.tt_p_shapes,
             self.tt_q_shapes,
             self.cache_writeback_iters,
         )
@@ -306,7 +371,7 @@ class TTEmbeddingBag(nn.Module):
         if rows.numel() == 0:
             return self.tt_cores[0].new_zeros((0, self.embedding_dim))
         cores = [c.detach() for c in self.tt_cores]
-        return tt_rows_naive(cores, rows, self.tt_p_shapes, self.tt_q_shapes)
+        return tt_rows_from_digits(cores, self.layout.digits(rows), self.tt_q_shapes)
 
     @torch.no_grad()
     def cache_populate(self) -> None:
@@ -336,7 +401,7 @@ class TTEmbeddingBag(nn.Module):
             self.cache_state.zero_()
             self.cache_state[: new_rows.numel()] = state
         m = new_rows.numel()
-        self.cache_rows.fill_(self.num_embeddings)
+        self.cache_rows.fill_(self._empty)
         self.cache_rows[:m] = new_rows
         self.cache_weight.zero_()
         self.cache_weight[:m] = weight
@@ -350,7 +415,7 @@ class TTEmbeddingBag(nn.Module):
         self._require_cache()
         rows, slots = self._cached()
         self._write_back(rows, slots)
-        self.cache_rows.fill_(self.num_embeddings)
+        self.cache_rows.fill_(self._empty)
         self.cache_weight.zero_()
         if hasattr(self, "cache_state"):
             self.cache_state.zero_()
@@ -358,7 +423,7 @@ class TTEmbeddingBag(nn.Module):
     def cache_stats(self) -> dict[str, float]:
         """Hit rate (share of looked-up indices served from the cache), occupancy, write-backs."""
         self._require_cache()
-        occupied = int((self.cache_rows < self.num_embeddings).sum())
+        occupied = int((self.cache_rows < self._empty).sum())
         return {
             "hit_rate": self.cache_hits / self.cache_lookups if self.cache_lookups else 0.0,
             "lookups": self.cache_lookups,
@@ -385,16 +450,13 @@ class TTEmbeddingBag(nn.Module):
         return sum(getattr(self, n).numel() * getattr(self, n).element_size() for n in names)
 
     def _check(self, indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights) -> torch.Tensor:
+        """Validated offsets of length (bags + 1)."""
         if indices.dim() != 1 or offsets.dim() != 1:
             raise ValueError(
                 f"indices and offsets must be 1-D, got shapes {tuple(indices.shape)}, {tuple(offsets.shape)}"
             )
         if indices.dtype not in (torch.int32, torch.int64) or offsets.dtype not in (torch.int32, torch.int64):
             raise TypeError(f"indices and offsets must be int32/int64, got {indices.dtype}, {offsets.dtype}")
-        if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= self.num_embeddings):
-            raise IndexError(
-                f"indices must lie in [0, {self.num_embeddings}), got [{int(indices.min())}, {int(indices.max())}]"
-            )
         if per_sample_weights is not None and per_sample_weights.shape != indices.shape:
             raise ValueError(
                 f"per_sample_weights shape {tuple(per_sample_weights.shape)} != indices shape {tuple(indices.shape)}"
@@ -409,55 +471,166 @@ class TTEmbeddingBag(nn.Module):
             raise ValueError("offsets must start at 0, be non-decreasing and name at least one bag")
         return offsets
 
+    @staticmethod
+    def _check_range(indices: torch.Tensor, rows: torch.Tensor | int, what: str = "indices") -> None:
+        """``0 <= indices < rows`` (rows may differ per index: tables of different sizes)."""
+        if indices.numel() and (bool((indices < 0).any()) or bool((indices >= rows).any())):
+            bad = indices[(indices < 0) | (indices >= rows)][0]
+            limit = rows if isinstance(rows, int) else int(rows[(indices < 0) | (indices >= rows)][0])
+            raise IndexError(f"{what} must lie in [0, num_embeddings); got {int(bad)} for a table of {limit} rows")
+
     def forward(
         self, indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Pooled rows per bag: (B, embedding_dim). ``offsets`` of length B or B+1."""
         offsets = self._check(indices, offsets, per_sample_weights)
-        unique, inverse = torch.unique(indices.long(), return_inverse=True)
+        self._check_range(indices, self.num_embeddings)
+        return self.lookup_global(indices.long(), offsets, per_sample_weights)
+
+    def lookup_global(
+        self, rows: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Pooled bags of global row ids (``TTLayout``), ``offsets`` of length bags + 1, unchecked.
+
+        The one path every lookup takes: deduplicate, serve from cache or cores, pool.
+        """
+        unique, inverse = torch.unique(rows, return_inverse=True)
         if self.use_cache:
             if self.training:
                 count_rows(self.cache_counts, unique, inverse)
             hit, slot = cache_lookup(self.cache_rows, unique)
-            self.cache_lookups += indices.numel()
+            self.cache_lookups += rows.numel()
             self.cache_hits += int(hit[inverse].sum())
             if torch.is_grad_enabled():
-                rows = _TTCachedRows.apply(self, unique, hit, slot, *self.tt_cores)
+                values = _TTCachedRows.apply(self, unique, hit, slot, *self.tt_cores)
             else:
-                rows = self._rows_with_cache(unique, hit, slot)
+                values = self._rows_with_cache(unique, hit, slot)
+        elif unique.numel():
+            values = _TTRows.apply(self, unique, *self.tt_cores)  # (U, D)
         else:
-            rows = _TTRows.apply(self, unique, *self.tt_cores)  # (U, D)
+            values = self.tt_cores[0].new_zeros((0, self.embedding_dim))
         return F.embedding_bag(
-            inverse, rows, offsets, mode=self.mode, per_sample_weights=per_sample_weights, include_last_offset=True
+            inverse, values, offsets, mode=self.mode, per_sample_weights=per_sample_weights, include_last_offset=True
         )
 
     def _rows_with_cache(self, unique, hit, slot) -> torch.Tensor:
         cores = [c.detach() for c in self.tt_cores]
         rows = self.cache_weight.new_empty((unique.numel(), self.embedding_dim))
         if not bool(hit.all()):
-            rows[~hit] = tt_forward(cores, PrefixTree.build(unique[~hit], self.tt_p_shapes), self.tt_q_shapes)[0]
+            rows[~hit] = tt_forward(cores, self.layout.build_tree(unique[~hit]), self.tt_q_shapes)[0]
         rows[hit] = self.cache_weight[slot[hit]]
         return rows
 
     @torch.no_grad()
-    def full_weight(self, chunk_rows: int = 65_536) -> torch.Tensor:
-        """The dense (num_embeddings, embedding_dim) matrix the module serves (for tests/export).
+    def full_weight(self, table: int = 0, chunk_rows: int = 65_536) -> torch.Tensor:
+        """The dense (num_embeddings, embedding_dim) matrix of ``table`` the module serves.
 
         Rebuilt from the cores, with the cached rows' values where the cache holds them
-        (``flush()`` first for a matrix of the cores alone).
+        (``flush()`` first for a matrix of the cores alone). For tests and export.
         """
-        cores = [c.detach() for c in self.tt_cores]
-        parts = [
-            tt_rows_naive(
-                cores,
-                torch.arange(s, min(s + chunk_rows, self.num_embeddings), device=cores[0].device),
-                self.tt_p_shapes,
-                self.tt_q_shapes,
-            )
-            for s in range(0, self.num_embeddings, chunk_rows)
-        ]
-        weight = torch.cat(parts)
+        start, rows = self.layout.row_start(table), self.layout.num_embeddings[table]
+        ids = torch.arange(start, start + rows, device=self.tt_cores[0].device)
+        weight = torch.cat([self._rows_from_cores(part) for part in ids.split(chunk_rows)])
         if self.use_cache:
-            rows, slots = self._cached()
-            weight[rows] = self.cache_weight[slots]
+            cached, slots = self._cached()
+            mine = (cached >= start) & (cached < start + rows)
+            weight[cached[mine] - start] = self.cache_weight[slots[mine]]
         return weight
+
+
+class TableBatchedTTEmbeddingBag(TTEmbeddingBag):
+    """Several TT tables looked up in one pass, as FBTT's ``TableBatchedTTEmbeddingBag``.
+
+    The tables' cores are stacked (``kernels.tt_layout``), so one deduplication, one prefix
+    tree, one contraction and one fused update serve every table of a batch. Unlike FBTT's,
+    the tables may differ in size (``num_embeddings`` a list; each gets its own p-shapes),
+    and the cache works (one LFU cache shared by all tables, ``cache_size`` rows in all).
+    ``q_shapes`` and ranks are common.
+
+    ``forward(indices, offsets)``: table-major bags, ``offsets`` of length ``T*B`` (or
+    ``T*B + 1`` with ``include_last_offset``); returns ``(T, B, embedding_dim)`` as FBTT does.
+    """
+
+    def __init__(
+        self,
+        num_tables: int,
+        num_embeddings: int | Sequence[int],
+        embedding_dim: int,
+        tt_ranks: Sequence[int] | int,
+        tt_p_shapes: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        tt_q_shapes: Sequence[int] | None = None,
+        optimizer: OptimType = OptimType.SGD,
+        learning_rate: float = 0.1,
+        eps: float = 1.0e-10,
+        sparse: bool = True,
+        use_cache: bool = False,
+        cache_size: int = 0,
+        cache_writeback_iters: int = 50,
+        cache_writeback_anchors: int = 4,
+        weight_dist: str = "approx-normal",
+        enforce_embedding_dim: bool = False,
+        mode: str = "sum",
+        include_last_offset: bool = False,
+        num_cores: int = 3,
+        init_std: float | None = None,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
+        nn.Module.__init__(self)
+        if num_tables < 1:
+            raise ValueError(f"num_tables must be >= 1, got {num_tables}")
+        sizes = [num_embeddings] * num_tables if isinstance(num_embeddings, int) else list(num_embeddings)
+        if len(sizes) != num_tables:
+            raise ValueError(f"num_embeddings names {len(sizes)} tables, num_tables={num_tables}")
+        if tt_p_shapes is not None and tt_p_shapes and isinstance(tt_p_shapes[0], int):
+            per_table_p = [tuple(tt_p_shapes)] * num_tables  # one shape for all, as FBTT
+        else:
+            per_table_p = [None] * num_tables if tt_p_shapes is None else [tuple(p) for p in tt_p_shapes]
+        if len(per_table_p) != num_tables:
+            raise ValueError(f"tt_p_shapes names {len(per_table_p)} tables, num_tables={num_tables}")
+        resolved = [
+            _resolve_shapes(n, embedding_dim, tt_ranks, p, tt_q_shapes, num_cores, enforce_embedding_dim)
+            for n, p in zip(sizes, per_table_p, strict=True)
+        ]
+        _, q, ranks, dim = resolved[0]
+        if any((r[1], r[2]) != (q, ranks) for r in resolved):
+            raise ValueError("all tables of a TableBatchedTTEmbeddingBag need the same q-shapes and ranks")
+        self.num_tables, self.table_num_embeddings = num_tables, tuple(sizes)
+        self.num_embeddings = sizes[0] if len(set(sizes)) == 1 else tuple(sizes)
+        self.tt_p_shapes = tuple(r[0] for r in resolved)
+        self._setup(
+            TTLayout(tuple(sizes), self.tt_p_shapes),
+            dim,
+            q,
+            ranks,
+            optimizer=optimizer,
+            learning_rate=learning_rate,
+            eps=eps,
+            sparse=sparse,
+            use_cache=use_cache,
+            cache_size=cache_size,
+            cache_writeback_iters=cache_writeback_iters,
+            cache_writeback_anchors=cache_writeback_anchors,
+            weight_dist=weight_dist,
+            mode=mode,
+            include_last_offset=include_last_offset,
+            init_std=init_std,
+            device=device,
+            dtype=dtype,
+        )
+
+    def forward(
+        self, indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        offsets = self._check(indices, offsets, per_sample_weights)
+        bags = offsets.numel() - 1
+        if bags % self.num_tables:
+            raise ValueError(f"{bags} bags are not num_tables={self.num_tables} tables of equal batch size")
+        batch = bags // self.num_tables
+        table_of_bag = torch.arange(bags, device=indices.device) // batch
+        table = torch.repeat_interleave(table_of_bag, offsets.diff(), output_size=indices.numel())
+        sizes = torch.tensor(self.table_num_embeddings, device=indices.device)
+        self._check_range(indices.long(), sizes[table])
+        starts = sizes.cumsum(0) - sizes
+        pooled = self.lookup_global(indices.long() + starts[table], offsets, per_sample_weights)
+        return pooled.reshape(self.num_tables, batch, self.embedding_dim)

@@ -1,0 +1,459 @@
+"""``LSHOutputLayer``: a softmax over 10^5-10^6 classes that scores only the classes LSH retrieves.
+
+Why: with a huge output (next item in a catalog, extreme multi-label) the full softmax costs more
+than the rest of the model. SLIDE hashes the hidden vector and trains only the classes in its
+buckets; MONGOOSE learns the hash projection (triplet loss on pairs seen in training) and
+rebuilds the tables only when the class weights have drifted. The algorithms are functions in
+``kernels.lsh``; this module owns the weights, the tables and the schedule.
+
+A training step: hash the batch (``(B, L)`` codes), gather the classes of those buckets, keep the
+labels, fill a fixed budget ``S`` with uniformly drawn classes, and compute a sampled softmax (one
+label per row) or binary cross-entropy (label lists) over those ``S`` columns only. The gradient
+reaches only their ``S`` weight rows (sparse with ``sparse=True``). In ``eval()`` mode ``forward``
+returns the exact full loss. ``topk`` answers from the tables, ``exact_topk`` scores every class.
+
+State (projection, codes, CSR tables, dirty rows, scheduler counters, pair buffer) is made of
+buffers, so ``state_dict()``, DCP checkpoints and exports carry it.
+
+Example::
+
+    layer = LSHOutputLayer(128, 670_000, LSHConfig(num_tables=16, num_bits=10, sample_size=8192))
+    opt = torch.optim.Adagrad(layer.parameters(), lr=0.05)   # handles the sparse gradient
+    loss = layer(hidden, labels)         # hidden (B, 128), labels (B,) or list of label lists
+    loss.backward(); opt.step(); opt.zero_grad()
+    scores, ids = layer.topk(hidden, 10) # (B, 10) each, candidates from the tables
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kernels.lsh import (
+    MAX_BITS,
+    build_buckets,
+    dedupe_pairs,
+    dwta_codes,
+    query_buckets,
+    scatter_topk,
+    select_sample,
+    simhash_codes,
+    simhash_collision_probability,
+    triplet_hash_loss,
+    update_buckets,
+)
+from recsys.lsh_scheduler import SCHEDULES, RebuildScheduler, Schedule
+
+log = logging.getLogger(__name__)
+
+Labels = torch.Tensor | Sequence[Sequence[int]] | tuple[torch.Tensor, torch.Tensor]
+"""One class id per row ``(B,)``; or label lists: a list of lists, or CSR ``(values, offsets (B+1,))``."""
+
+_HASH_CHUNK = 65_536
+
+
+@dataclass(frozen=True)
+class LSHConfig:
+    """How the layer hashes, samples, learns its hash and rebuilds. Validated where it is made."""
+
+    num_tables: int = 16  # L
+    num_bits: int = 8  # K bits per table (SimHash) or winners per table (DWTA)
+    hash: Literal["simhash", "dwta"] = "simhash"
+    dwta_bin_size: int = 8  # coordinates compared by one DWTA hash
+    sample_size: int = 2048  # S: classes scored per training step (labels + LSH + uniform)
+    max_per_bucket: int = 0  # read at most this many entries of a bucket per query (0 = all)
+    logq: bool = False  # subtract log(inclusion probability) from the sampled logits
+    learned: bool = False  # MONGOOSE: train the projection with a triplet loss
+    hash_lr: float = 1e-3  # Adam learning rate of the projection
+    hash_margin: float = 0.25  # triplet margin on per-table soft agreement in [-1, 1]
+    hash_sharpness: float = 8.0  # tanh(sharpness * cosine) soft bits
+    hash_steps: int = 50  # triplet steps each time the projection is trained
+    hash_batch: int = 256  # pairs per triplet step
+    hash_every: int = 200  # train the projection at most every this many steps (at a rebuild)
+    pair_buffer: int = 8192  # (hidden, positive, negative) triplets kept from training
+    pairs_per_step: int = 64  # triplets collected per training step
+    schedule: Schedule = "mongoose"
+    drift_threshold: float = 0.05  # MONGOOSE: rebuild when this fraction of sampled codes is stale
+    rebuild_period: int = 50  # fixed schedule (SLIDE): steps between rebuilds
+    rebuild_mode: Literal["changed", "full"] = "changed"  # rehash only rows trained since, or all
+    sparse: bool = True  # sparse gradient for the weight (torch.optim.Adagrad / SGD / SparseAdam)
+    init_std: float = 0.0  # weight init std (0 = 1/sqrt(in_features))
+    seed: int = 0  # seed of projections and sampling
+
+    def __post_init__(self) -> None:
+        if self.num_tables < 1:
+            raise ValueError(f"num_tables must be >= 1, got {self.num_tables}")
+        if not 0 <= self.num_bits <= MAX_BITS:
+            raise ValueError(f"num_bits must be in [0, {MAX_BITS}], got {self.num_bits}")
+        if self.hash not in ("simhash", "dwta"):
+            raise ValueError(f"hash must be 'simhash' or 'dwta', got {self.hash!r}")
+        if self.hash == "dwta" and (self.learned or self.logq or self.dwta_bin_size < 2):
+            raise ValueError("dwta needs dwta_bin_size >= 2 and supports neither learned nor logq")
+        if self.num_buckets * self.num_tables > 2**26:
+            raise ValueError(f"num_tables * buckets = {self.num_buckets * self.num_tables} is too many (> 2**26)")
+        if self.sample_size < 1:
+            raise ValueError(f"sample_size must be >= 1, got {self.sample_size}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.rebuild_mode not in ("changed", "full"):
+            raise ValueError(f"rebuild_mode must be 'changed' or 'full', got {self.rebuild_mode!r}")
+        for name in ("max_per_bucket", "hash_steps", "pair_buffer", "pairs_per_step", "init_std"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("hash_batch", "hash_every", "rebuild_period"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+    @property
+    def num_buckets(self) -> int:
+        return (self.dwta_bin_size if self.hash == "dwta" else 2) ** self.num_bits
+
+
+def label_pairs(labels: Labels, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Labels of any accepted form -> flat ``(values (n,), rows (n,), multi_label)``."""
+    if isinstance(labels, torch.Tensor):
+        if labels.shape != (batch,):
+            raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
+        return labels.to(device, torch.int64), torch.arange(batch, device=device), False
+    if isinstance(labels, tuple) and len(labels) == 2 and isinstance(labels[0], torch.Tensor):
+        values, offsets = labels
+        if offsets.numel() != batch + 1:
+            raise ValueError(f"label offsets must have {batch + 1} entries, got {offsets.numel()}")
+        rows = torch.repeat_interleave(torch.arange(batch, device=offsets.device), offsets.diff())
+        return values.to(device, torch.int64), rows.to(device), True
+    if len(labels) != batch:
+        raise ValueError(f"got {len(labels)} label lists for a batch of {batch}")
+    lengths = torch.tensor([len(row) for row in labels], dtype=torch.int64)
+    values = torch.tensor([c for row in labels for c in row], dtype=torch.int64)
+    return values.to(device), torch.repeat_interleave(torch.arange(batch), lengths).to(device), True
+
+
+def _check_labels(values: torch.Tensor, num_classes: int) -> None:
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes}), got range [{int(values.min())}, {int(values.max())}]")
+
+
+def sampled_loss(
+    logits: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, multi_label: bool
+) -> torch.Tensor:
+    """Softmax cross-entropy (one label per row) or BCE summed over columns, mean over rows.
+
+    ``logits`` ``(B, S)``; ``positions`` ``(n,)`` the label columns, ``rows`` ``(n,)`` their rows.
+    Over all ``C`` columns it is the full loss; over a sample, the sampled one.
+    """
+    if not multi_label:
+        return F.cross_entropy(logits, positions)
+    targets = torch.zeros_like(logits)
+    targets[rows, positions] = 1.0
+    return F.binary_cross_entropy_with_logits(logits, targets, reduction="sum") / logits.shape[0]
+
+
+class LSHOutputLayer(nn.Module):
+    """Output layer over ``num_classes`` classes, trained on LSH-sampled classes.
+
+    Args:
+        in_features: ``D``, width of the hidden vector.
+        num_classes: ``C``.
+        config: ``LSHConfig`` (hashing, sample budget, learned hashing, schedule).
+
+    Call ``layer(hidden (B, D), labels) -> loss``; see the module docstring for an example.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, config: LSHConfig | None = None) -> None:
+        super().__init__()
+        if in_features < 1 or num_classes < 1:
+            raise ValueError(f"in_features and num_classes must be >= 1, got {in_features}, {num_classes}")
+        self.config = cfg = config or LSHConfig()
+        self.in_features, self.num_classes = in_features, num_classes
+        self.num_buckets = cfg.num_buckets
+        gen = torch.Generator().manual_seed(cfg.seed)
+        std = cfg.init_std or 1.0 / math.sqrt(in_features)
+        self.weight = nn.Parameter(torch.randn(num_classes, in_features, generator=gen) * std)
+        hashes = cfg.num_tables * cfg.num_bits
+        if cfg.hash == "simhash":
+            self.register_buffer("projection", torch.randn(in_features, hashes, generator=gen))
+        else:
+            coords = torch.stack([torch.randperm(in_features, generator=gen) for _ in range(hashes)])
+            self.register_buffer("projection", coords[:, : min(cfg.dwta_bin_size, in_features)].contiguous())
+        self.register_buffer("codes", torch.zeros(num_classes, cfg.num_tables, dtype=torch.int64))
+        self.register_buffer("offsets", torch.zeros(cfg.num_tables * self.num_buckets + 1, dtype=torch.int64))
+        self.register_buffer("members", torch.zeros(num_classes * cfg.num_tables, dtype=torch.int64))
+        self.register_buffer("dirty", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("last_hash_training", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("pair_hidden", torch.zeros(cfg.pair_buffer if cfg.learned else 0, in_features))
+        self.register_buffer("pair_classes", torch.zeros(cfg.pair_buffer if cfg.learned else 0, 2, dtype=torch.int64))
+        self.register_buffer("pairs_seen", torch.zeros((), dtype=torch.int64))
+        self.scheduler = RebuildScheduler(cfg.schedule, cfg.drift_threshold, cfg.rebuild_period)
+        self._generator: torch.Generator | None = None
+        self._hash_optimizer: torch.optim.Optimizer | None = None
+        self._hash_param: torch.Tensor | None = None
+        self.reset_stats()
+        self.rebuild()
+
+    # -- hashing and tables -----------------------------------------------------------
+    @torch.no_grad()
+    def hash(self, x: torch.Tensor) -> torch.Tensor:
+        """``(N, D)`` -> ``(N, L)`` bucket codes under the current projection."""
+        cfg = self.config
+        x = x.detach()
+        if cfg.hash == "dwta":
+            return dwta_codes(x, self.projection, cfg.num_tables, cfg.num_bits)
+        return simhash_codes(x, self.projection, cfg.num_tables, cfg.num_bits)
+
+    def _hash_rows(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        weight = self.weight.detach()
+        if rows is not None:
+            return self.hash(weight[rows])
+        return torch.cat([self.hash(weight[i : i + _HASH_CHUNK]) for i in range(0, self.num_classes, _HASH_CHUNK)])
+
+    @torch.no_grad()
+    def rebuild(self, rows: torch.Tensor | None = None) -> None:
+        """Rehash all classes and rebuild the tables, or move only ``rows`` (distinct ids) to their new buckets."""
+        if rows is None:
+            self.codes.copy_(self._hash_rows())
+            offsets, members = build_buckets(self.codes, self.num_buckets)
+        else:
+            new = self._hash_rows(rows)
+            moved = (new != self.codes[rows]).any(-1)
+            rows, new = rows[moved], new[moved]
+            offsets, members = update_buckets(self.offsets, self.members, rows, self.codes[rows], new, self.num_buckets)
+            self.codes[rows] = new
+        self.offsets.copy_(offsets)
+        self.members.copy_(members)
+        self.dirty.zero_()
+
+    def _maybe_rebuild(self) -> None:
+        sched, cfg = self.scheduler, self.config
+        if not sched.should_rebuild():
+            return
+        due = int(sched.steps - self.last_hash_training) >= cfg.hash_every
+        if cfg.learned and due and int(self.pairs_seen) >= cfg.hash_batch:
+            self.train_hash()
+            self.rebuild()
+            sched.rebuilt(partial=False)
+        elif cfg.rebuild_mode == "changed":
+            self.rebuild(self.dirty.nonzero().squeeze(1))
+            sched.rebuilt(partial=True)
+        else:
+            self.rebuild()
+            sched.rebuilt(partial=False)
+
+    def _generator_for(self, device: torch.device) -> torch.Generator:
+        if self._generator is None or self._generator.device != device:
+            self._generator = torch.Generator(device=device).manual_seed(self.config.seed + 1)
+        return self._generator
+
+    # -- learned hashing (MONGOOSE) -----------------------------------------------------
+    @torch.no_grad()
+    def _collect_pairs(self, hidden: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, sample: torch.Tensor):
+        cfg = self.config
+        n = min(cfg.pairs_per_step, values.numel())
+        gen = self._generator_for(hidden.device)
+        pick = torch.randperm(values.numel(), generator=gen, device=hidden.device)[:n]
+        negative = sample[torch.randint(0, sample.numel(), (n,), generator=gen, device=hidden.device)]
+        slots = (int(self.pairs_seen) + torch.arange(n, device=hidden.device)) % cfg.pair_buffer
+        self.pair_hidden[slots] = hidden[rows[pick]].detach().to(self.pair_hidden.dtype)
+        self.pair_classes[slots] = torch.stack([values[pick], negative], dim=1)
+        self.pairs_seen += n
+
+    def train_hash(self, steps: int | None = None) -> float:
+        """Train the projection on the collected triplets (its own Adam); returns the last loss.
+
+        The tables are stale afterwards: call ``rebuild()`` (the schedule does).
+        """
+        cfg = self.config
+        if not cfg.learned:
+            raise RuntimeError("train_hash needs LSHConfig(learned=True)")
+        available = min(int(self.pairs_seen), cfg.pair_buffer)
+        if available == 0:
+            return float("nan")
+        if self._hash_optimizer is None or self._hash_param.data_ptr() != self.projection.data_ptr():
+            state = self._hash_optimizer.state_dict() if self._hash_optimizer is not None else None
+            # shares storage, so updates land in the buffer; set past nn.Module so that it is not a parameter
+            object.__setattr__(self, "_hash_param", nn.Parameter(self.projection))
+            self._hash_optimizer = torch.optim.Adam([self._hash_param], lr=cfg.hash_lr)
+            if state is not None:
+                self._hash_optimizer.load_state_dict(state)
+        projection = self._hash_param
+        gen = self._generator_for(self.projection.device)
+        weight = self.weight.detach()
+        loss = torch.zeros(())
+        for _ in range(cfg.hash_steps if steps is None else steps):
+            idx = torch.randint(0, available, (min(cfg.hash_batch, available),), generator=gen, device=weight.device)
+            anchor = self.pair_hidden[idx]
+            positive, negative = weight[self.pair_classes[idx, 0]], weight[self.pair_classes[idx, 1]]
+            loss = triplet_hash_loss(
+                anchor, positive, negative, projection, cfg.num_tables, cfg.hash_margin, cfg.hash_sharpness
+            )
+            self._hash_optimizer.zero_grad()
+            loss.backward()
+            self._hash_optimizer.step()
+        self.last_hash_training.copy_(self.scheduler.steps)
+        self.scheduler.hash_trainings += 1
+        return float(loss.detach())
+
+    # -- training forward -----------------------------------------------------------------
+    def forward(self, hidden: torch.Tensor, labels: Labels) -> torch.Tensor:
+        """Sampled loss in training mode, exact full loss in eval mode. ``hidden`` ``(B, D)``."""
+        batch = hidden.shape[0]
+        values, rows, multi = label_pairs(labels, batch, hidden.device)
+        _check_labels(values, self.num_classes)
+        if not self.training:
+            return self.full_loss(hidden, (values, rows, multi))
+        self._maybe_rebuild()
+        cfg = self.config
+        gen = self._generator_for(hidden.device)
+        with torch.no_grad():
+            query_codes = self.hash(hidden)  # (B, L)
+            classes, _ = query_buckets(query_codes, self.offsets, self.members, self.num_buckets, cfg.max_per_bucket, gen)
+            counts = torch.bincount(classes, minlength=self.num_classes)  # (C,)
+            sample, in_sample = select_sample(counts, values, cfg.sample_size, gen)  # (S,), (n,)
+        weight = F.embedding(sample, self.weight, sparse=cfg.sparse)  # (S, D)
+        logits = hidden @ weight.t()  # (B, S)
+        if cfg.logq:
+            logits = logits - self._log_inclusion(hidden, weight, counts, sample.numel(), values.numel())
+        positions = torch.searchsorted(sample, values)  # (n,) label columns
+        loss = sampled_loss(logits, positions, rows, multi)
+        with torch.no_grad():
+            own = (query_codes[rows] == self.codes[values]).any(-1)  # label shares a bucket with its own query
+            drift = float((self.hash(self.weight[sample]) != self.codes[sample]).float().mean())
+            self.dirty[sample] = True
+            self.scheduler.record_drift(drift)
+            self.scheduler.step()
+            if cfg.learned and cfg.pair_buffer:
+                self._collect_pairs(hidden, values, rows, sample)
+            self._stats["steps"] += 1
+            self._stats["labels"] += values.numel()
+            self._stats["labels_in_sample"] += int(in_sample.sum())
+            self._stats["labels_own_bucket"] += int(own.sum())
+            self._stats["retrieved"] += int((counts > 0).sum())
+            self._stats["sampled"] += sample.numel()
+            self._stats["drift_sum"] += drift
+        return loss
+
+    def _log_inclusion(
+        self, hidden: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor, sample_size: int, n_labels: int
+    ) -> torch.Tensor:
+        """``(B, S)`` log of the probability that each sampled class was drawn for each row (approximate).
+
+        A class is drawn if it collides with the row's query (closed-form SimHash probability of
+        their cosine, exact for random projections) or else by the uniform fill.
+        """
+        with torch.no_grad():
+            cosine = F.normalize(hidden, dim=-1) @ F.normalize(weight, dim=-1).t()  # (B, S)
+            collide = simhash_collision_probability(cosine, self.config.num_bits, self.config.num_tables)
+            retrieved = int((counts > 0).sum())
+            uniform = max(sample_size - retrieved - n_labels, 0) / max(self.num_classes - retrieved, 1)
+            return torch.log((collide + (1 - collide) * uniform).clamp(min=1e-12))
+
+    # -- full scoring ------------------------------------------------------------------
+    def full_loss(self, hidden: torch.Tensor, labels: Labels | tuple[torch.Tensor, torch.Tensor, bool]) -> torch.Tensor:
+        """The exact loss over all ``C`` classes (the reference the sampled loss approximates)."""
+        if isinstance(labels, tuple) and len(labels) == 3:
+            values, rows, multi = labels
+        else:
+            values, rows, multi = label_pairs(labels, hidden.shape[0], hidden.device)
+        return sampled_loss(hidden @ self.weight.t(), values, rows, multi)
+
+    @torch.no_grad()
+    def exact_topk(self, hidden: torch.Tensor, k: int, chunk: int = 262_144) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` classes by inner product over all classes: ``(N, k)`` scores and ids."""
+        return exact_topk(hidden, self.weight, k, chunk)
+
+    @torch.no_grad()
+    def topk(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` of the classes retrieved from the tables, scored exactly: ``(N, k)`` scores and ids.
+
+        Rows with fewer than ``k`` candidates are padded with score ``-inf`` and id ``-1``.
+        """
+        classes, query_index = query_buckets(self.hash(hidden), self.offsets, self.members, self.num_buckets)
+        classes, query_index, _ = dedupe_pairs(classes, query_index, self.num_classes)
+        scores = (hidden[query_index] * self.weight[classes]).sum(-1)  # (M,)
+        return scatter_topk(scores, classes, query_index, hidden.shape[0], k)
+
+    # -- statistics -------------------------------------------------------------------
+    def reset_stats(self) -> None:
+        keys = ("steps", "labels", "labels_in_sample", "labels_own_bucket", "retrieved", "sampled", "drift_sum")
+        self._stats = dict.fromkeys(keys, 0)
+
+    def bucket_histogram(self) -> dict[str, int]:
+        """Number of buckets by size: ``"0"``, ``"1"``, ``"2-3"``, ``"4-7"``, ... (all tables)."""
+        sizes = self.offsets.diff()
+        bins = torch.where(sizes > 0, torch.floor(torch.log2(sizes.clamp(min=1).double())).long() + 1, 0)
+        counts = torch.bincount(bins)
+        names = ["0"] + [str(2 ** (b - 1)) if b == 1 else f"{2 ** (b - 1)}-{2**b - 1}" for b in range(1, len(counts))]
+        return {name: int(c) for name, c in zip(names, counts.tolist(), strict=True) if c}
+
+    def stats(self) -> dict:
+        """Training statistics since ``reset_stats()`` plus the scheduler's counters (JSON-friendly)."""
+        s, sched = self._stats, self.scheduler
+        steps, labels = max(s["steps"], 1), max(s["labels"], 1)
+        sizes = self.offsets.diff().double()
+        return {
+            "steps": s["steps"],
+            "label_recall_in_sample": s["labels_in_sample"] / labels,
+            "label_recall_own_bucket": s["labels_own_bucket"] / labels,
+            "retrieved_per_step": s["retrieved"] / steps,
+            "sample_per_step": s["sampled"] / steps,
+            "mean_drift": s["drift_sum"] / steps,
+            "rebuilds": sched.rebuilds,
+            "full_rebuilds": int(sched.full_rebuilds),
+            "partial_rebuilds": int(sched.partial_rebuilds),
+            "hash_trainings": int(sched.hash_trainings),
+            "drift": float(sched.drift),
+            "max_drift": float(sched.max_drift),
+            "bucket_size_mean": float(sizes.mean()),
+            "bucket_size_max": int(sizes.max()),
+            "bucket_histogram": self.bucket_histogram(),
+            "config": asdict(self.config),
+        }
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return f"{self.in_features}, {self.num_classes}, L={c.num_tables}, K={c.num_bits}, S={c.sample_size}"
+
+
+@torch.no_grad()
+def exact_topk(hidden: torch.Tensor, weight: torch.Tensor, k: int, chunk: int = 262_144) -> tuple[torch.Tensor, ...]:
+    """Top-``k`` rows of ``weight`` by inner product with each row of ``hidden``, in class chunks."""
+    best_scores, best_ids = None, None
+    for start in range(0, weight.shape[0], chunk):
+        scores = hidden @ weight[start : start + chunk].t()  # (N, chunk)
+        s, i = torch.topk(scores, min(k, scores.shape[1]), dim=1)
+        i = i + start
+        if best_scores is not None:
+            s, j = torch.topk(torch.cat([best_scores, s], 1), min(k, best_scores.shape[1] + s.shape[1]), dim=1)
+            i = torch.gather(torch.cat([best_ids, i], 1), 1, j)
+        best_scores, best_ids = s, i
+    return best_scores, best_ids
+
+
+class FullSoftmaxOutput(nn.Module):
+    """The baseline: the same weight and interface as ``LSHOutputLayer``, every class scored every step."""
+
+    def __init__(self, in_features: int, num_classes: int, init_std: float = 0.0, seed: int = 0) -> None:
+        super().__init__()
+        gen = torch.Generator().manual_seed(seed)
+        std = init_std or 1.0 / math.sqrt(in_features)
+        self.in_features, self.num_classes = in_features, num_classes
+        self.weight = nn.Parameter(torch.randn(num_classes, in_features, generator=gen) * std)
+
+    def forward(self, hidden: torch.Tensor, labels: Labels) -> torch.Tensor:
+        values, rows, multi = label_pairs(labels, hidden.shape[0], hidden.device)
+        _check_labels(values, self.num_classes)
+        return sampled_loss(hidden @ self.weight.t(), values, rows, multi)  # (B, C) logits
+
+    def exact_topk(self, hidden: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return exact_topk(hidden, self.weight, k)
+
+    topk = exact_topk
+
+    def stats(self) -> dict:
+        return {}
