@@ -7,7 +7,10 @@ rates, in one process:
   dense gradients) with ``torch.optim.Adagrad`` over every parameter, the loop a user
   writes first;
 * ``ours``: ``pipelines.train.Trainer``'s model: ``DistributedModelParallel`` with
-  fbgemm's table-batched embedding and row-wise Adagrad fused into the backward pass.
+  fbgemm's table-batched embedding and row-wise Adagrad fused into the backward pass;
+* ``ours TT``: the same trainer with ``--embeddings tt``: every table above
+  ``--tt-threshold`` rows TT-compressed (``recsys.TTEmbeddingBagCollection``), row-wise
+  Adagrad fused into the TT backward, optionally the LFU cache (``--tt-cache-size``).
 
 Timing covers forward, backward and the update over ``--steps`` batches after ``--warmup``
 (the data is pre-loaded, so the loader is not measured); median over ``--repeats``.
@@ -85,6 +88,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--warmup", type=int, default=10, help="untimed steps first (default: 10)")
     p.add_argument("--repeats", type=int, default=3, help="repeats; the median is reported (default: 3)")
     p.add_argument("--max-index", type=int, default=100_000, help="rows per table, hashed (default: 100000)")
+    p.add_argument("--tt-ranks", type=int, default=16, help="TT rank of the TT run (default: 16)")
+    p.add_argument("--tt-threshold", type=int, default=10_000, help="tables above this many rows are TT")
+    p.add_argument("--tt-cache-size", type=int, default=0, help="LFU cache rows per TT table (default: 0 = off)")
+    p.add_argument("--skip-baseline", action="store_true", help="time only our dense and TT runs")
     args = p.parse_args(argv)
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -99,14 +106,29 @@ def main(argv: list[str] | None = None) -> None:
         if len(batches) < args.warmup + args.steps:
             raise SystemExit(f"--rows {args.rows} gives only {len(batches)} batches; need {args.warmup + args.steps}")
         timed = len(batches) - args.warmup
-        results = {}
-        for name, make in (
+        tt_config = TrainConfig(
+            batch_size=args.batch_size,
+            checkpoint_every=0,
+            embeddings="tt",
+            tt_ranks=(args.tt_ranks,),
+            tt_threshold=args.tt_threshold,
+            tt_cache_size=args.tt_cache_size,
+            tt_cache_refresh=max(1, args.warmup),
+        )
+        cache = f", cache {args.tt_cache_size} rows" if args.tt_cache_size else ""
+        runs = [
             ("baseline: nn.EmbeddingBag + torch.optim.Adagrad", lambda: baseline_step_fn(config, meta["vocab_sizes"])),
             (
                 "ours: DMP + fbgemm fused row-wise Adagrad",
                 lambda: ours_step_fn(config, tmp_path / "pq", tmp_path / "run"),
             ),
-        ):
+            (
+                f"ours TT: rank {args.tt_ranks}{cache}",
+                lambda: ours_step_fn(tt_config, tmp_path / "pq", tmp_path / "run_tt"),
+            ),
+        ]
+        results = {}
+        for name, make in runs[1:] if args.skip_baseline else runs:
             step = make()
             seconds = [_time_steps(step, batches, args.warmup) for _ in range(args.repeats)]
             results[name] = timed * args.batch_size / statistics.median(seconds)
@@ -119,9 +141,10 @@ def main(argv: list[str] | None = None) -> None:
         f"26 tables x {args.max_index} rows x dim 16, batch {args.batch_size}, {timed} timed steps, median of "
         f"{args.repeats}\n"
     )
-    print(f"{'method':<52} {'samples/s':>12} {'ours/baseline':>14}")
+    dense = results["ours: DMP + fbgemm fused row-wise Adagrad"]
+    print(f"{'method':<52} {'samples/s':>12} {'/first row':>11} {'/ours dense':>12}")
     for name, rate in results.items():
-        print(f"{name:<52} {rate:>12,.0f} {rate / base:>13.2f}x")
+        print(f"{name:<52} {rate:>12,.0f} {rate / base:>10.2f}x {rate / dense:>11.2f}x")
 
 
 if __name__ == "__main__":
