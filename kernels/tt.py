@@ -16,6 +16,13 @@ gradients only for the core slices ``G_k[i_k]`` the batch touched, which the fus
 optimizers apply in place: no dense gradient of the cores is ever formed.
 
 Every function here has a plain reference (``tt_rows_naive``) it is tested against.
+
+Two implementations of the same maths. The torch path (any device, the reference) gathers
+each node's core slice and multiplies with ``torch.bmm``. On CPU, when autograd need not see
+the computation, ``kernels.tt_native`` runs the same steps in C++: each core slice is read once
+for all the nodes that use it (register-blocked micro-kernels over those nodes, in place), with
+threads over slices; set ``RECSYS_TT_NATIVE=0`` to force the torch path. (A torch path that
+zero-pads each digit group into one batched GEMM per slice was tried and was slower on CPU.)
 """
 
 from __future__ import annotations
@@ -24,6 +31,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from kernels import tt_native
 
 
 def mixed_radix_digits(indices: torch.Tensor, p_shapes: tuple[int, ...]) -> torch.Tensor:
@@ -68,35 +77,50 @@ class PrefixTree:
 
     @classmethod
     def build(cls, unique_rows: torch.Tensor, p_shapes: tuple[int, ...]) -> PrefixTree:
-        """``unique_rows`` must be sorted and distinct (as ``torch.unique`` returns them)."""
+        """``unique_rows`` must be sorted and distinct (as ``torch.unique`` returns them).
+
+        Built from the last level up: the prefixes of sorted keys are sorted too, so each level's
+        distinct prefixes and the children's parent indices come from one linear
+        ``unique_consecutive`` (no sort, no search).
+        """
         d = len(p_shapes)
-        suffix = [math.prod(p_shapes[k + 1 :]) for k in range(d)]
-        digits, parents = [], []
-        previous_keys = None
-        for k in range(d):
-            keys = torch.unique(unique_rows // suffix[k]) if k < d - 1 else unique_rows  # sorted prefixes
-            digits.append(keys % p_shapes[k])
-            if previous_keys is None:
-                parents.append(torch.zeros_like(keys))
-            else:
-                parents.append(torch.searchsorted(previous_keys, keys // p_shapes[k]))
-            previous_keys = keys
+        digits: list[torch.Tensor] = [unique_rows] * d
+        parents: list[torch.Tensor] = [unique_rows] * d
+        keys = unique_rows.long()
+        for k in range(d - 1, 0, -1):
+            prefix = keys // p_shapes[k]
+            digits[k] = keys - prefix * p_shapes[k]
+            keys, parents[k] = torch.unique_consecutive(prefix, return_inverse=True)
+        digits[0] = keys % p_shapes[0]
+        parents[0] = torch.zeros_like(keys)
         return cls(digit=digits, parent=parents, rows=unique_rows)
+
+
+def _index_lists(tree: PrefixTree) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The tree's digits and parents as the native kernels read them: contiguous int64."""
+    return [t.long().contiguous() for t in tree.digit], [t.long().contiguous() for t in tree.parent]
 
 
 def tt_forward(
     cores: list[torch.Tensor], tree: PrefixTree, q_shapes: tuple[int, ...]
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Rows of ``tree.rows`` (U, D) and the partial products of every level (for backward)."""
-    left = cores[0][tree.digit[0]]  # (n_1, 1, q_1 r_1)
-    left = left.reshape(left.shape[0], q_shapes[0], -1)  # (n_1, Q_1, r_1)
+    dim = math.prod(q_shapes)
+    if tt_native.available(*cores):
+        partials = tt_native.ops().forward([c.contiguous() for c in cores], *_index_lists(tree), list(q_shapes))
+        return partials[-1].reshape(partials[-1].shape[0], dim), partials
+    n0 = tree.digit[0].numel()
+    left = cores[0][tree.digit[0]].reshape(n0, q_shapes[0], cores[0].shape[2] // q_shapes[0])  # (n_1, Q_1, r_1)
     partials = [left]
     for k in range(1, len(cores)):
+        n, width = tree.digit[k].numel(), cores[k].shape[2]
         parent = left[tree.parent[k]]  # (n_k, Q_{k-1}, r_{k-1})
         right = cores[k][tree.digit[k]]  # (n_k, r_{k-1}, q_k r_k)
-        left = torch.bmm(parent, right).reshape(parent.shape[0], parent.shape[1] * q_shapes[k], -1)  # (n_k, Q_k, r_k)
+        left = torch.bmm(parent, right).reshape(
+            n, parent.shape[1] * q_shapes[k], width // q_shapes[k]
+        )  # (n_k, Q_k, r_k)
         partials.append(left)
-    return left.reshape(left.shape[0], -1), partials
+    return left.reshape(left.shape[0], dim), partials
 
 
 @dataclass
@@ -124,31 +148,53 @@ def tt_backward(
     q_shapes: tuple[int, ...],
 ) -> list[CoreGradient]:
     """Gradients of the cores from the gradients of the distinct rows ``grad_rows`` (U, D)."""
+    if tt_native.available(*cores, *partials, grad_rows):
+        rows, values = tt_native.ops().backward(
+            [c.contiguous() for c in cores],
+            *_index_lists(tree),
+            [p.contiguous() for p in partials],
+            grad_rows.contiguous(),
+            list(q_shapes),
+        )
+        return [CoreGradient(rows=r, values=v) for r, v in zip(rows, values, strict=True)]
     d = len(cores)
     grads: list[CoreGradient | None] = [None] * d
-    grad_left = grad_rows.reshape(grad_rows.shape[0], -1, 1)  # (n_d, Q_d, r_d = 1)
+    grad_left = grad_rows  # gradient of the level-k partials, any shape with n_k rows
     for k in range(d - 1, 0, -1):
+        n, width = tree.digit[k].numel(), cores[k].shape[2]
         parent_partial = partials[k - 1][tree.parent[k]]  # (n_k, Q_{k-1}, r_{k-1})
         right = cores[k][tree.digit[k]]  # (n_k, r_{k-1}, q_k r_k)
-        grad_out = grad_left.reshape(grad_left.shape[0], parent_partial.shape[1], -1)  # (n_k, Q_{k-1}, q_k r_k)
+        grad_out = grad_left.reshape(n, parent_partial.shape[1], width)  # (n_k, Q_{k-1}, q_k r_k)
         grads[k] = _sum_by(tree.digit[k], torch.bmm(parent_partial.transpose(1, 2), grad_out))
         grad_parent = torch.bmm(grad_out, right.transpose(1, 2))  # (n_k, Q_{k-1}, r_{k-1})
         grad_left = partials[k - 1].new_zeros(partials[k - 1].shape).index_add_(0, tree.parent[k], grad_parent)
-    first = grad_left.reshape(grad_left.shape[0], 1, -1)  # (n_1, 1, q_1 r_1)
+    first = grad_left.reshape(tree.digit[0].numel(), 1, cores[0].shape[2])  # (n_1, 1, q_1 r_1)
     grads[0] = _sum_by(tree.digit[0], first)
     return grads  # type: ignore[return-value]
 
 
 # -- fused optimizers: update only the touched core slices, in place -----------------------
+def _native_update(core: torch.Tensor, grad: CoreGradient, state: torch.Tensor | None = None) -> bool:
+    """The native kernels update in place through raw pointers: contiguous CPU tensors only."""
+    tensors = (core, grad.values) if state is None else (core, grad.values, state)
+    return all(t.is_contiguous() for t in (core, *([] if state is None else [state]))) and tt_native.available(*tensors)
+
+
 @torch.no_grad()
 def sgd_update(core: torch.Tensor, grad: CoreGradient, lr: float) -> None:
     """``core -= lr * grad`` (what ``torch.optim.SGD`` does, on the touched slices only)."""
+    if _native_update(core, grad):
+        tt_native.ops().sgd(core, grad.rows, grad.values.contiguous(), lr)
+        return
     core.index_add_(0, grad.rows, grad.values, alpha=-lr)
 
 
 @torch.no_grad()
 def adagrad_update(core: torch.Tensor, state: torch.Tensor, grad: CoreGradient, lr: float, eps: float) -> None:
     """``torch.optim.Adagrad`` (no decay): ``state += g^2; core -= lr * g / (sqrt(state) + eps)``."""
+    if _native_update(core, grad, state):
+        tt_native.ops().adagrad(core, state, grad.rows, grad.values.contiguous(), lr, eps)
+        return
     acc = state[grad.rows] + grad.values * grad.values
     state[grad.rows] = acc
     core[grad.rows] -= lr * grad.values / (acc.sqrt() + eps)
@@ -157,6 +203,9 @@ def adagrad_update(core: torch.Tensor, state: torch.Tensor, grad: CoreGradient, 
 @torch.no_grad()
 def rowwise_adagrad_update(core: torch.Tensor, state: torch.Tensor, grad: CoreGradient, lr: float, eps: float) -> None:
     """Row-wise Adagrad (FBGEMM, torchrec): one accumulator per core slice, ``state += mean(g^2)``."""
+    if _native_update(core, grad, state):
+        tt_native.ops().rowwise_adagrad(core, state, grad.rows, grad.values.contiguous(), lr, eps)
+        return
     flat = grad.values.reshape(grad.values.shape[0], -1)
     acc = state[grad.rows] + (flat * flat).mean(dim=1)
     state[grad.rows] = acc

@@ -144,3 +144,21 @@ def test_fused_updates_equal_torch_optim(optimizer):
                 rowwise_adagrad_update(core, state, grad, lr, eps)
     for ref, fused in zip(ref_cores, fused_cores, strict=True):
         torch.testing.assert_close(fused, ref.detach().reshape(fused.shape), atol=1e-6, rtol=1e-6)
+
+
+@settings(max_examples=25, deadline=None)
+@given(p=st.lists(st.integers(1, 7), min_size=2, max_size=4), data=st.data())
+def test_prefix_tree_levels_are_the_distinct_prefixes(p, data):
+    p = tuple(p)
+    rows = torch.unique(
+        torch.tensor(data.draw(st.lists(st.integers(0, math.prod(p) - 1), max_size=60)), dtype=torch.long)
+    )
+    tree = PrefixTree.build(rows, p)
+    digits = mixed_radix_digits(rows, p)
+    for k in range(len(p)):
+        prefixes = sorted({tuple(r[: k + 1]) for r in digits.tolist()})
+        assert tree.digit[k].tolist() == [pre[-1] for pre in prefixes]
+        if k:
+            parents = sorted({pre[:-1] for pre in prefixes})
+            assert tree.parent[k].tolist() == [parents.index(pre[:-1]) for pre in prefixes]
+    assert torch.equal(tree.rows, rows)
