@@ -78,9 +78,11 @@ def zipf_ranks(n: int, num_rows: int, alpha: float, g: torch.Generator) -> torch
     return (x.floor().long() - 1).clamp_(0, num_rows - 1)
 
 
-def make_batches(cfg: Config, dist: str, alpha: float, count: int, seed: int) -> list[Batch]:
+def make_batches(cfg: Config, dist: str, alpha: float, count: int, seed: int, stream: int = 0) -> list[Batch]:
+    """``count`` batches; the Zipf rank -> row maps depend on ``seed`` only, the draws also on ``stream``."""
     g = torch.Generator().manual_seed(seed)
     perms = [torch.randperm(cfg.rows, generator=g) for _ in range(cfg.tables)] if dist == "zipf" else []
+    g = torch.Generator().manual_seed(seed + 7919 * stream)
     n = cfg.batch * cfg.bag
     offsets = torch.arange(0, n, cfg.bag)
     batches = []
@@ -149,21 +151,16 @@ def ours(cfg: Config, cache_size: int = 0) -> tuple[Step, Step, list[TTEmbedding
 
 
 # ---- the --cache variant: the place to prepare a module with a row cache before timing ----------
-def cache_supported() -> bool:
-    """Whether this TTEmbeddingBag has its row cache yet (older versions raise NotImplementedError)."""
-    try:
-        TTEmbeddingBag(16, 4, tt_ranks=2, use_cache=True, cache_size=4)
-    except NotImplementedError:
-        return False
-    return True
-
-
-def prepare_cached(embs: list[TTEmbeddingBag], train: Step, warmup: list[Batch]) -> None:
-    """Warm the cache's frequency counts on a few batches, then load the hot rows (``cache_populate``)."""
-    for b in warmup:
-        train(b)
+def prepare_cached(embs: list[TTEmbeddingBag], warmup: list[Batch]) -> None:
+    """Count row frequencies over ``warmup`` (training-mode forward passes count, even without grad),
+    then load the hot rows (``cache_populate``) and reset the hit statistics."""
+    with torch.no_grad():
+        for b in warmup:
+            for emb, idx in zip(embs, b.indices, strict=True):
+                emb(idx, b.offsets)
     for emb in embs:
         emb.cache_populate()
+        emb.reset_cache_stats()
 
 
 def naive(cfg: Config) -> tuple[Step, Step]:
@@ -302,6 +299,12 @@ def main(argv: list[str] | None = None) -> None:
         default=0,
         help="also time ours with TTEmbeddingBag(use_cache=True, cache_size=N) (default: 0, off)",
     )
+    p.add_argument(
+        "--cache-warmup",
+        type=int,
+        default=100,
+        help="batches (of the same distribution, other seed) whose row frequencies fill the cache (default: 100)",
+    )
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: 0, torch's choice)")
     p.add_argument("--seed", type=int, default=0, help="seed of the batches (default: 0)")
     args = p.parse_args(argv)
@@ -319,8 +322,6 @@ def main(argv: list[str] | None = None) -> None:
     if "fbgemm" in methods:  # first, so every other row can show its ratio to it
         methods.insert(0, methods.pop(methods.index("fbgemm")))
     if args.cache_size:
-        if not cache_supported():
-            raise SystemExit("--cache-size: this TTEmbeddingBag has no row cache yet (use_cache raises)")
         methods.insert(methods.index("ours") + 1 if "ours" in methods else 0, "ours+cache")
     lookups = cfg.batch * cfg.bag * cfg.tables
     per_lookup = sum(level_flops(cfg))
@@ -365,7 +366,8 @@ def main(argv: list[str] | None = None) -> None:
         for name in methods:
             if name == "ours+cache":
                 forward, train, embs = ours(cfg, args.cache_size)
-                prepare_cached(embs, train, batches[: args.warmup])
+                counted = make_batches(cfg, dist, args.zipf_alpha, args.cache_warmup, args.seed, stream=1)
+                prepare_cached(embs, counted)
             else:
                 forward, train = steps[name]
             use = batches if name != "naive" else batches[: args.warmup + args.naive_steps]
@@ -385,6 +387,10 @@ def main(argv: list[str] | None = None) -> None:
                     f"{dist:<8} {name:<11} {phase:<9} {us:8.2f} {gflops} {nominal_rate} {vs_fbgemm} {vs_floor} "
                     f"{unique:7.2f}"
                 )
+            if name == "ours+cache":
+                hit_rate = statistics.mean(e.cache_stats()["hit_rate"] for e in embs)
+                print(f"{'':<8} ours+cache: hit rate {hit_rate:.3f} over the timed steps, "
+                      f"{args.cache_size:,} rows cached per table")  # fmt: skip
         print()
 
 
