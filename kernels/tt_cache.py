@@ -32,12 +32,17 @@ def cache_lookup(cache_rows: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Te
 
 
 def count_rows(counts: torch.Tensor, unique: torch.Tensor, inverse: torch.Tensor) -> None:
-    """``counts[row] += how often row occurs in this batch`` (the LFU frequencies).
+    """``counts[row] += how often row occurs in this batch`` (the LFU frequencies)."""
+    add_counts(counts, unique, torch.bincount(inverse, minlength=unique.numel()))
 
-    ``unique`` must be distinct. Counts saturate at the dtype's maximum instead of wrapping
-    around (a row that hot stays in the cache either way), so int32 counts are safe.
+
+def add_counts(counts: torch.Tensor, unique: torch.Tensor, amounts: torch.Tensor) -> None:
+    """``counts[unique] += amounts`` for distinct ``unique``.
+
+    Counts saturate at the dtype's maximum instead of wrapping around (a row that hot stays
+    in the cache either way), so int32 counts are safe.
     """
-    added = counts[unique].long() + torch.bincount(inverse, minlength=unique.numel())
+    added = counts[unique].long() + amounts.long()
     counts[unique] = added.clamp_(max=torch.iinfo(counts.dtype).max).to(counts.dtype)
 
 

@@ -8,7 +8,9 @@ fbgemm's table-batched embedding kernels with the optimizer fused into the backw
 from __future__ import annotations
 
 import logging
+import math
 import os
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -16,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torchrec.optim as trec_optim
 from torch import nn
+from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
@@ -97,6 +100,42 @@ def shard_with_fused_optimizer(
     }
     dense = KeyedOptimizerWrapper(dense_params, lambda params: DENSE_OPTIMIZERS[dense_optimizer](params, lr=dense_lr))
     return dmp, CombinedOptimizer([dmp.fused_optimizer, dense])
+
+
+_INIT_CHUNK_ROWS = 65_536
+
+
+@torch.no_grad()
+def init_embedding_tables(model: nn.Module, seed: int) -> None:
+    """Re-initialise every sharded embedding table the same way whatever the sharding.
+
+    torchrec initialises each shard with the rank's own random stream, so a table's initial
+    values depend on the number of processes and the plan. Here row block ``c`` of table
+    ``t`` is drawn from a generator seeded by ``(seed, t, c)``, uniform in ``+-1/sqrt(N)``
+    (torchrec's default), and each rank fills only the rows and columns of its shards: runs on
+    any number of processes start from the same tables.
+    """
+    for name, value in model.state_dict().items():
+        if ".embedding_bags." not in name or not name.endswith(".weight"):
+            continue
+        rows, cols = value.shape
+        bound = 1.0 / math.sqrt(rows)
+        shards = (
+            [(s.metadata.shard_offsets, s.tensor) for s in value.local_shards()]
+            if isinstance(value, ShardedTensor)
+            else [((0, 0), value)]
+        )
+        table_seed = zlib.crc32(name.encode())
+        for (row0, col0), tensor in shards:
+            n = tensor.shape[0]
+            for chunk in range(row0 // _INIT_CHUNK_ROWS, (row0 + n - 1) // _INIT_CHUNK_ROWS + 1 if n else 0):
+                start = chunk * _INIT_CHUNK_ROWS
+                g = torch.Generator().manual_seed(hash((seed, table_seed, chunk)) & 0x7FFF_FFFF_FFFF_FFFF)
+                block = torch.empty(min(_INIT_CHUNK_ROWS, rows - start), cols).uniform_(-bound, bound, generator=g)
+                lo, hi = max(start, row0), min(start + block.shape[0], row0 + n)
+                tensor[lo - row0 : hi - row0] = block[lo - start : hi - start, col0 : col0 + tensor.shape[1]].to(
+                    tensor.dtype
+                )
 
 
 def _unwrapped_name(name: str) -> str:

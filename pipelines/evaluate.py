@@ -30,14 +30,45 @@ def binary_metrics(logits: torch.Tensor, labels: torch.Tensor) -> dict[str, floa
     return {"auc": auc, "logloss": logloss, "rows": int(labels.numel()), "ctr": labels.mean().item()}
 
 
+def _in_step(batches: Iterable[Batch], placeholder: Batch | None) -> Iterable[tuple[Batch, bool]]:
+    """``(batch, real)`` until every rank is done: a sharded model's forward is a collective, so a rank
+    whose split ran out keeps stepping with ``placeholder`` (its outputs are dropped)."""
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    last = placeholder
+    for batch in batches:
+        if distributed:
+            more = torch.ones(1)
+            dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        last = batch
+        yield batch, True
+    if not distributed:
+        return
+    while True:
+        more = torch.zeros(1)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        if last is None:
+            raise RuntimeError("a rank has no evaluation rows and no placeholder batch to keep in step")
+        yield last, False
+
+
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, batches: Iterable[Batch], device: torch.device) -> dict[str, float]:
-    """Run a ``DLRMTrain``-style model (returns ``loss, (loss, logits, labels)``) over ``batches``."""
+def evaluate(
+    model: torch.nn.Module, batches: Iterable[Batch], device: torch.device, placeholder: Batch | None = None
+) -> dict[str, float]:
+    """Run a ``DLRMTrain``-style model (returns ``loss, (loss, logits, labels)``) over ``batches``.
+
+    Under ``torchrun`` every rank passes its own batches; ranks with fewer keep the others company
+    (``placeholder``, or their last batch) and the predictions of all ranks are gathered.
+    """
     was_training = model.training
     model.eval()
     all_logits, all_labels = [], []
-    for batch in batches:
+    for batch, real in _in_step(batches, placeholder):
         _, (_, logits, labels) = model(batch.to(device))
+        if not real:
+            continue
         all_logits.append(logits.detach().reshape(-1).float().cpu())
         all_labels.append(labels.detach().reshape(-1).float().cpu())
     model.train(was_training)

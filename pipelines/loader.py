@@ -5,7 +5,16 @@ in a seeded order, and rows are shuffled inside a buffer of ``shuffle_buffer`` r
 position is just (epoch, batches already consumed), and resuming replays the same order
 and skips what was consumed, with no sample lost or seen twice.
 
-Each rank of a distributed job reads its own row groups (every ``world_size``-th one).
+Distributed training needs more: every rank must take the same number of steps (a rank that
+runs out early leaves the others waiting in a collective), and a run on N processes should
+see the same global batches as a run on one. Both come from *streams*: the row groups are
+dealt once (seeded, balanced by rows) into ``streams`` sequences, each shuffled on its own,
+and global batch ``b`` is sub-batch ``b`` of every stream. Rank ``r`` reads only the streams
+``v`` with ``v % world_size == r``, so it reads only its own row groups, and a 1-process run
+with the same ``streams`` reads the same rows in the same global batches. An epoch lasts as
+long as the shortest stream (the others' tails, less than one row group, wait for the next
+epoch's shuffle). Without ``streams`` (evaluation), or with one, rank ``r`` reads every
+``world_size``-th row group to its end, the last batch possibly short.
 """
 
 from __future__ import annotations
@@ -90,6 +99,7 @@ class ParquetBatchLoader:
         drop_last: bool = False,
         rank: int = 0,
         world_size: int = 1,
+        streams: int | None = None,
     ) -> None:
         if split not in SPLITS:
             raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
@@ -112,14 +122,46 @@ class ParquetBatchLoader:
             for f, pf in enumerate(self._files)
             for g in range(pf.metadata.num_row_groups)
         ]
+        if streams is not None and (streams < 1 or streams % world_size):
+            raise ValueError(f"streams={streams} must be a positive multiple of world_size={world_size}")
+        self.streams = streams if streams is not None and streams > 1 else None  # one stream = the plain order
+        if self.streams is not None:
+            if streams < 1 or streams % world_size:
+                raise ValueError(f"streams={streams} must be a positive multiple of world_size={world_size}")
+            per_rank = streams // world_size
+            if batch_size % per_rank:
+                raise ValueError(f"batch_size {batch_size} is not divisible by the {per_rank} streams of a rank")
+            self.sub_batch = batch_size // per_rank
+            self._stream_groups = self._deal(streams)
+            empty = [v for v, groups in enumerate(self._stream_groups) if not groups]
+            if empty:
+                raise ValueError(
+                    f"{split}: {len(self._row_groups)} row groups cannot fill {streams} streams; use fewer streams "
+                    "or preprocess with smaller --row-group-rows"
+                )
+
+    def _deal(self, streams: int) -> list[list[tuple[int, int, int]]]:
+        """Row groups dealt to ``streams`` sequences in a seeded order, each to the emptiest (by rows)."""
+        order = np.random.default_rng([self.seed, 0, 2]).permutation(len(self._row_groups))
+        dealt: list[list[tuple[int, int, int]]] = [[] for _ in range(streams)]
+        rows = [0] * streams
+        for i in order:
+            v = rows.index(min(rows))
+            dealt[v].append(self._row_groups[i])
+            rows[v] += self._row_groups[i][2]
+        return dealt
 
     @property
     def num_rows(self) -> int:
         """Rows this rank reads per epoch."""
+        if self.streams is not None:
+            return len(self) * self.batch_size
         return sum(n for _, _, n in self._row_groups[self.rank :: self.world_size])
 
     def __len__(self) -> int:
-        """Batches per epoch for this rank."""
+        """Batches per epoch for this rank (with streams: the same on every rank)."""
+        if self.streams is not None:
+            return min(sum(n for _, _, n in groups) // self.sub_batch for groups in self._stream_groups)
         full, rest = divmod(self.num_rows, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
@@ -138,33 +180,59 @@ class ParquetBatchLoader:
             sparse=np.stack([table[c].to_numpy() for c in SPARSE_COLUMNS], axis=1).astype(np.int64),
         )
 
-    def _epoch_row_batches(self, epoch: int) -> Iterator[_Rows]:
-        rng = np.random.default_rng([self.seed, epoch, 1])
+    def _epoch_row_batches(
+        self, epoch: int, groups: list[tuple[int, int, int]] | None = None, stream: int = 0
+    ) -> Iterator[_Rows]:
+        """Batches of ``groups`` (default: this rank's row groups) through a shuffle buffer."""
+        batch_size, buffer_rows = self.batch_size, self.shuffle_buffer
+        if groups is None:
+            groups = self._epoch_groups(epoch)
+            rng = np.random.default_rng([self.seed, epoch, 1])
+        else:
+            batch_size, buffer_rows = self.sub_batch, max(self.shuffle_buffer // self.streams, self.sub_batch)
+            if self.shuffle:
+                order = np.random.default_rng([self.seed, epoch, 0, stream]).permutation(len(groups))
+                groups = [groups[i] for i in order]
+            rng = np.random.default_rng([self.seed, epoch, 1, stream])
         pending: list[_Rows] = []
         pending_rows = 0
-        groups = self._epoch_groups(epoch)
         for i, (file_index, group, rows) in enumerate(groups):
             pending.append(self._read_group(file_index, group))
             pending_rows += rows
             last = i == len(groups) - 1
-            if pending_rows < self.shuffle_buffer and not last:
+            if pending_rows < buffer_rows and not last:
                 continue
             buffer = _Rows.concat(pending)
             if self.shuffle:
                 buffer = buffer.take(rng.permutation(len(buffer)))
-            full = len(buffer) // self.batch_size * self.batch_size
-            for start in range(0, full, self.batch_size):
-                yield buffer.take(slice(start, start + self.batch_size))
+            full = len(buffer) // batch_size * batch_size
+            for start in range(0, full, batch_size):
+                yield buffer.take(slice(start, start + batch_size))
             rest = buffer.take(slice(full, None))
             pending, pending_rows = ([rest], len(rest)) if len(rest) else ([], 0)
-        if pending_rows and not self.drop_last:
+        if pending_rows and not self.drop_last and self.streams is None:
             yield _Rows.concat(pending)
+
+    def _stream_batches(self, epoch: int) -> Iterator[_Rows]:
+        """This rank's slice of every global batch: its streams' sub-batches, side by side."""
+        mine = [v for v in range(self.streams) if v % self.world_size == self.rank]
+        iterators = [self._epoch_row_batches(epoch, self._stream_groups[v], v) for v in mine]
+        for _ in range(len(self)):
+            yield _Rows.concat([next(it) for it in iterators])
 
     def batches(self, epoch: int = 0, start_batch: int = 0) -> Iterator[Batch]:
         """Batches of ``epoch``, skipping the first ``start_batch`` (to resume)."""
-        for index, rows in enumerate(self._epoch_row_batches(epoch)):
+        rows_iter = self._stream_batches(epoch) if self.streams is not None else self._epoch_row_batches(epoch)
+        for index, rows in enumerate(rows_iter):
             if index >= start_batch:
                 yield rows_to_batch(rows.labels, rows.dense, rows.sparse)
 
     def __iter__(self) -> Iterator[Batch]:
         return self.batches(0)
+
+
+def placeholder_batch(num_dense: int, num_sparse: int) -> Batch:
+    """One all-zero row: what a rank with no data left feeds to collectives-bearing forwards."""
+    return rows_to_batch(
+        np.zeros(1, np.float32), np.zeros((1, num_dense), np.float32), np.zeros((1, num_sparse), np.int64)
+    )

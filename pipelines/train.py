@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
+import torch.distributed as dist
 from torchrec.models.dlrm import DLRMTrain
 from tqdm import tqdm
 
@@ -30,11 +31,12 @@ from pipelines.cli_config import add_dataclass_arguments, build_config, config_t
 from pipelines.distributed import (
     DENSE_OPTIMIZERS,
     EMBEDDING_OPTIMIZERS,
+    init_embedding_tables,
     init_process_group,
     shard_with_fused_optimizer,
 )
 from pipelines.evaluate import evaluate
-from pipelines.loader import ParquetBatchLoader
+from pipelines.loader import ParquetBatchLoader, placeholder_batch
 from pipelines.preprocess import load_metadata
 from pipelines.report import format_table, human_bytes, plot_curves
 from recsys.dlrm import DLRMConfig, build_dense_collection, build_dlrm, table_bytes, table_configs
@@ -92,6 +94,13 @@ class TrainConfig:
     tt_cache_refresh: int = field(
         default=500, metadata=_help("refill the LFU caches from the row frequencies every N steps")
     )
+    data_streams: int = field(
+        default=0,
+        metadata=_help(
+            "row-group streams the training data is dealt into (0 = one per process); runs with equal streams "
+            "see the same global batches whatever their number of processes"
+        ),
+    )
     seed: int = field(default=0, metadata=_help("seed of initialisation and data order"))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_help("where to train"))
 
@@ -99,7 +108,7 @@ class TrainConfig:
         for name in ("batch_size", "epochs", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_steps", "eval_every", "checkpoint_every", "keep_checkpoints"):
+        for name in ("max_steps", "eval_every", "checkpoint_every", "keep_checkpoints", "data_streams"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
@@ -192,6 +201,9 @@ class Trainer:
             self.info.device,
             self_updating=tt_parameter_names(model),
         )
+        init_embedding_tables(self.model, config.seed)  # the same tables for any number of processes
+        if self.tt_collection is not None and self.info.world_size > 1:
+            self.tt_collection.set_process_group(dist.group.WORLD)  # replicated TT tables, synced updates
         if self.tt_collection is not None:
             log.info(
                 "TT tables: %s; embeddings %s instead of %s dense (%.0fx smaller)",
@@ -214,7 +226,9 @@ class Trainer:
             seed=config.seed,
             rank=self.info.rank,
             world_size=self.info.world_size,
+            streams=config.data_streams or self.info.world_size,
         )
+        self.placeholder = placeholder_batch(len(self.metadata["dense_features"]), len(vocab_sizes))
         self.eval_loaders = {
             split: ParquetBatchLoader(
                 self.data_dir,
@@ -235,6 +249,14 @@ class Trainer:
             "history": {"train": [], "validation": []},
             "best": None,
         }
+
+    def _global_mean(self, loss: torch.Tensor) -> float:
+        """The loss of the whole global batch (each rank holds the mean over its own slice)."""
+        value = loss.detach().float().reshape(1).clone()
+        if self.info.world_size > 1:
+            dist.all_reduce(value)
+            value /= self.info.world_size
+        return value.item()
 
     def _compression_ratio(self) -> float:
         stored = sum(r["bytes"] for r in self.table_report.values())
@@ -262,7 +284,7 @@ class Trainer:
 
     # -- loop -----------------------------------------------------------------------
     def _validate(self) -> dict:
-        metrics = evaluate(self.model, self.eval_loaders["validation"].batches(), self.info.device)
+        metrics = evaluate(self.model, self.eval_loaders["validation"].batches(), self.info.device, self.placeholder)
         point = {"step": self.state["step"], "auc": metrics["auc"], "logloss": metrics["logloss"]}
         self.state["history"]["validation"].append(point)
         log.info("step %d: validation AUC %.4f, log loss %.4f", point["step"], point["auc"], point["logloss"])
@@ -313,7 +335,7 @@ class Trainer:
                 self.optimizer.zero_grad()
                 loss.backward()  # the tables are updated here (fused optimizer)
                 self.optimizer.step()
-                loss_value = loss.item()
+                loss_value = self._global_mean(loss)
                 if not math.isfinite(loss_value):
                     raise FloatingPointError(f"training loss is {loss_value} at step {self.state['step']}")
                 self.state["step"] += 1
@@ -360,9 +382,9 @@ class Trainer:
                 best = self._restore(best_dir)
                 log.info("selected the checkpoint of step %d (best validation AUC)", best["step"])
                 self.state.update(history=history, samples=samples, train_seconds=seconds, best=best["best"])
-        validation = evaluate(self.model, self.eval_loaders["validation"].batches(), self.info.device)
+        validation = evaluate(self.model, self.eval_loaders["validation"].batches(), self.info.device, self.placeholder)
         test = (
-            evaluate(self.model, self.eval_loaders["test"].batches(), self.info.device)
+            evaluate(self.model, self.eval_loaders["test"].batches(), self.info.device, self.placeholder)
             if self.metadata["splits"]["test"]["rows"]
             else None
         )

@@ -194,6 +194,11 @@ class TTEmbeddingBagCollection(nn.Module):
         return {f: pooled[i * batch : (i + 1) * batch] for i, (f, _) in enumerate(members)}
 
     # -- TT bookkeeping --------------------------------------------------------------
+    def set_process_group(self, group) -> None:
+        """Keep the TT tables identical replicas across the ranks of ``group`` (see TTEmbeddingBag)."""
+        for module in self.tt_groups.values():
+            module.set_process_group(group)
+
     def cache_populate(self) -> None:
         """Refill the LFU cache of every TT table that has one."""
         for group in self.tt_groups.values():

@@ -22,6 +22,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -36,7 +37,7 @@ from kernels.tt import (
     tt_backward,
     tt_forward,
 )
-from kernels.tt_cache import cache_lookup, count_rows, fit_cores_to_rows, select_most_frequent
+from kernels.tt_cache import add_counts, cache_lookup, fit_cores_to_rows, select_most_frequent
 from kernels.tt_layout import TTLayout, tt_rows_from_digits
 
 log = logging.getLogger(__name__)
@@ -49,6 +50,12 @@ class OptimType(enum.Enum):
     EXACT_SGD = "exact_sgd"
     EXACT_ADAGRAD = "exact_adagrad"
     EXACT_ROWWISE_ADAGRAD = "exact_row_wise_adagrad"
+
+
+def _no_gradient(core: torch.Tensor) -> CoreGradient:
+    return CoreGradient(
+        rows=torch.zeros(0, dtype=torch.long, device=core.device), values=core.new_zeros((0, *core.shape[1:]))
+    )
 
 
 class _TTRows(torch.autograd.Function):
@@ -66,9 +73,12 @@ class _TTRows(torch.autograd.Function):
     def backward(ctx, grad_rows: torch.Tensor):
         module: TTEmbeddingBag = ctx.module
         cores = [c.detach() for c in ctx.saved_tensors]
-        grads = tt_backward(cores, ctx.tree, ctx.partials, grad_rows.contiguous(), module.tt_q_shapes)
+        if ctx.tree.rows.numel():
+            grads = tt_backward(cores, ctx.tree, ctx.partials, grad_rows.contiguous(), module.tt_q_shapes)
+        else:  # nothing looked up here; other ranks may still have gradients to share
+            grads = [_no_gradient(c) for c in cores]
         if module.sparse:
-            module._fused_update(grads)
+            module._fused_update(module._sync(grads, cores))
             return (None, None, *([None] * len(cores)))
         return (None, None, *(g.to_dense(c) for g, c in zip(grads, cores, strict=True)))
 
@@ -100,8 +110,11 @@ class _TTCachedRows(torch.autograd.Function):
         hit = ctx.hit
         if ctx.partials is not None:
             grads = tt_backward(cores, ctx.tree, ctx.partials, grad_rows[~hit].contiguous(), module.tt_q_shapes)
-            module._fused_update(grads)
-        module._cache_update(CoreGradient(rows=ctx.slot[hit], values=grad_rows[hit]))
+        else:
+            grads = [_no_gradient(c) for c in cores]
+        module._fused_update(module._sync(grads, cores))
+        cached = CoreGradient(rows=ctx.slot[hit], values=grad_rows[hit])
+        module._cache_update(module._sync([cached], [module.cache_weight])[0])
         return (None, None, None, None, *([None] * len(cores)))
 
 
@@ -266,6 +279,7 @@ class TTEmbeddingBag(nn.Module):
         self.use_cache, self.cache_size = use_cache, cache_size
         self.cache_writeback_iters, self.cache_writeback_anchors = cache_writeback_iters, cache_writeback_anchors
         self._empty = layout.total_rows  # the id of an empty cache slot: sorts after every row
+        self.process_group: dist.ProcessGroup | None = None
         if use_cache:
             self._init_cache(device, dtype)
 
@@ -275,6 +289,48 @@ class TTEmbeddingBag(nn.Module):
             f"q={list(self.tt_q_shapes)}, ranks={list(self.tt_ranks)}, optimizer={self.optimizer.name}, "
             f"sparse={self.sparse}, mode={self.mode}"
         )
+
+    # -- data parallelism ----------------------------------------------------------------------
+    def set_process_group(self, group: dist.ProcessGroup | None) -> None:
+        """Train as one replica of many: every fused update then uses the gradients of all ranks.
+
+        The cores are replicated (they are small: that is the point), so each rank's backward
+        all-reduces the cores' (and the cache's) gradients, averaged like DDP's, before the
+        fused update, and the LFU counts add every rank's lookups; the replicas stay identical.
+        """
+        self.process_group = group if group is not None and dist.get_world_size(group) > 1 else None
+
+    def _sync(self, grads: list[CoreGradient], tensors: list[torch.Tensor]) -> list[CoreGradient]:
+        """Average sparse gradients over the ranks (a dense all-reduce: the cores are small)."""
+        if self.process_group is None:
+            return grads
+        world = dist.get_world_size(self.process_group)
+        synced = []
+        for grad, tensor in zip(grads, tensors, strict=True):
+            dense = grad.to_dense(tensor)
+            dist.all_reduce(dense, group=self.process_group)
+            dense /= world
+            rows = (dense.reshape(dense.shape[0], -1) != 0).any(dim=1).nonzero().squeeze(1)
+            synced.append(CoreGradient(rows=rows, values=dense[rows]))
+        return synced
+
+    def _count(self, unique: torch.Tensor, inverse: torch.Tensor) -> None:
+        """LFU frequencies of this batch, over all ranks when replicated."""
+        amounts = torch.bincount(inverse, minlength=unique.numel())
+        if self.process_group is not None:
+            world = dist.get_world_size(self.process_group)
+            size = torch.tensor([unique.numel()], device=unique.device)
+            sizes = [torch.zeros_like(size) for _ in range(world)]
+            dist.all_gather(sizes, size, group=self.process_group)
+            longest = int(max(int(x) for x in sizes))
+            pad = longest - unique.numel()
+            padded = torch.cat([torch.stack([unique, amounts]), unique.new_zeros((2, pad))], dim=1)
+            parts = [torch.zeros_like(padded) for _ in range(world)]
+            dist.all_gather(parts, padded, group=self.process_group)
+            gathered = torch.cat(parts, dim=1)  # padding adds 0 to row 0: harmless
+            unique, merge = torch.unique(gathered[0], return_inverse=True)
+            amounts = torch.zeros_like(unique).index_add_(0, merge, gathered[1])
+        add_counts(self.cache_counts, unique, amounts)
 
     @property
     def compressed_bytes(self) -> int:
@@ -497,7 +553,7 @@ class TTEmbeddingBag(nn.Module):
         unique, inverse = torch.unique(rows, return_inverse=True)
         if self.use_cache:
             if self.training:
-                count_rows(self.cache_counts, unique, inverse)
+                self._count(unique, inverse)
             hit, slot = cache_lookup(self.cache_rows, unique)
             self.cache_lookups += rows.numel()
             self.cache_hits += int(hit[inverse].sum())
@@ -505,7 +561,7 @@ class TTEmbeddingBag(nn.Module):
                 values = _TTCachedRows.apply(self, unique, hit, slot, *self.tt_cores)
             else:
                 values = self._rows_with_cache(unique, hit, slot)
-        elif unique.numel():
+        elif unique.numel() or (self.process_group is not None and torch.is_grad_enabled()):
             values = _TTRows.apply(self, unique, *self.tt_cores)  # (U, D)
         else:
             values = self.tt_cores[0].new_zeros((0, self.embedding_dim))

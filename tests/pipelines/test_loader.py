@@ -86,3 +86,24 @@ def test_drop_last_and_bad_arguments(dataset):
         ParquetBatchLoader(dataset, "train", 0)
     with pytest.raises(FileNotFoundError, match="preprocess"):
         ParquetBatchLoader(dataset / "nowhere", "train", 10)
+
+
+def _ids(batch) -> list[tuple]:
+    return sorted(map(tuple, _batch_rows([batch]).tolist()))
+
+
+def test_streams_give_every_world_size_the_same_global_batches(dataset):
+    """Ranks read disjoint row groups, take equal steps, and together see the 1-process batches."""
+    one = ParquetBatchLoader(dataset, "train", 64, seed=3, streams=4)
+    ranks = [ParquetBatchLoader(dataset, "train", 32, seed=3, rank=r, world_size=2, streams=4) for r in (0, 1)]
+    assert len(one) == len(ranks[0]) == len(ranks[1]) > 0
+    assert len(one) * 64 > 0.8 * load_metadata(dataset)["splits"]["train"]["rows"]  # tails dropped are small
+    for epoch in (0, 1):
+        for whole, *parts in zip(one.batches(epoch), *(r.batches(epoch) for r in ranks), strict=True):
+            assert _ids(whole) == sorted(_ids(parts[0]) + _ids(parts[1]))
+    groups = [{(f, g) for v in range(4) if v % 2 == r for f, g, _ in ranks[r]._stream_groups[v]} for r in (0, 1)]
+    assert not groups[0] & groups[1]  # each rank reads only its own row groups
+    resumed = list(ranks[1].batches(1, start_batch=5))
+    assert [_ids(b) for b in resumed] == [_ids(b) for b in list(ranks[1].batches(1))[5:]]
+    with pytest.raises(ValueError, match="multiple of world_size"):
+        ParquetBatchLoader(dataset, "train", 32, rank=0, world_size=2, streams=3)
