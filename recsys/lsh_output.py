@@ -41,6 +41,7 @@ from kernels.lsh import (
     build_buckets,
     dedupe_pairs,
     dwta_codes,
+    per_query_candidates,
     query_buckets,
     scatter_topk,
     select_sample,
@@ -69,6 +70,7 @@ class LSHConfig:
     dwta_bin_size: int = 8  # coordinates compared by one DWTA hash
     sample_size: int = 2048  # S: classes scored per training step (labels + LSH + uniform)
     max_per_bucket: int = 0  # read at most this many entries of a bucket per query (0 = all)
+    per_query_quota: bool = False  # each query keeps its best S/B candidates, instead of batch-wide counts
     logq: bool = False  # subtract log(inclusion probability) from the sampled logits
     learned: bool = False  # MONGOOSE: train the projection with a triplet loss
     hash_lr: float = 1e-3  # Adam learning rate of the projection
@@ -140,9 +142,7 @@ def _check_labels(values: torch.Tensor, num_classes: int) -> None:
         raise ValueError(f"labels must be in [0, {num_classes}), got range [{int(values.min())}, {int(values.max())}]")
 
 
-def sampled_loss(
-    logits: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, multi_label: bool
-) -> torch.Tensor:
+def sampled_loss(logits: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor, multi_label: bool) -> torch.Tensor:
     """Softmax cross-entropy (one label per row) or BCE summed over columns, mean over rows.
 
     ``logits`` ``(B, S)``; ``positions`` ``(n,)`` the label columns, ``rows`` ``(n,)`` their rows.
@@ -312,8 +312,14 @@ class LSHOutputLayer(nn.Module):
         gen = self._generator_for(hidden.device)
         with torch.no_grad():
             query_codes = self.hash(hidden)  # (B, L)
-            classes, _ = query_buckets(query_codes, self.offsets, self.members, self.num_buckets, cfg.max_per_bucket, gen)
-            counts = torch.bincount(classes, minlength=self.num_classes)  # (C,)
+            classes, query_index = query_buckets(
+                query_codes, self.offsets, self.members, self.num_buckets, cfg.max_per_bucket, gen
+            )
+            if cfg.per_query_quota:
+                quota = max(1, cfg.sample_size // batch)
+                counts = per_query_candidates(classes, query_index, batch, self.num_classes, quota, gen)  # (C,)
+            else:
+                counts = torch.bincount(classes, minlength=self.num_classes)  # (C,)
             sample, in_sample = select_sample(counts, values, cfg.sample_size, gen)  # (S,), (n,)
         weight = F.embedding(sample, self.weight, sparse=cfg.sparse)  # (S, D)
         logits = hidden @ weight.t()  # (B, S)
@@ -382,6 +388,8 @@ class LSHOutputLayer(nn.Module):
     def reset_stats(self) -> None:
         keys = ("steps", "labels", "labels_in_sample", "labels_own_bucket", "retrieved", "sampled", "drift_sum")
         self._stats = dict.fromkeys(keys, 0)
+        sched = self.scheduler
+        self._stats_base = (sched.rebuilds, int(sched.full_rebuilds), int(sched.hash_trainings))
 
     def bucket_histogram(self) -> dict[str, int]:
         """Number of buckets by size: ``"0"``, ``"1"``, ``"2-3"``, ``"4-7"``, ... (all tables)."""
@@ -403,10 +411,11 @@ class LSHOutputLayer(nn.Module):
             "retrieved_per_step": s["retrieved"] / steps,
             "sample_per_step": s["sampled"] / steps,
             "mean_drift": s["drift_sum"] / steps,
-            "rebuilds": sched.rebuilds,
-            "full_rebuilds": int(sched.full_rebuilds),
-            "partial_rebuilds": int(sched.partial_rebuilds),
-            "hash_trainings": int(sched.hash_trainings),
+            "rebuilds": sched.rebuilds - self._stats_base[0],
+            "full_rebuilds": int(sched.full_rebuilds) - self._stats_base[1],
+            "partial_rebuilds": sched.rebuilds - self._stats_base[0] - int(sched.full_rebuilds) + self._stats_base[1],
+            "hash_trainings": int(sched.hash_trainings) - self._stats_base[2],
+            "total_rebuilds": sched.rebuilds,
             "drift": float(sched.drift),
             "max_drift": float(sched.max_drift),
             "bucket_size_mean": float(sizes.mean()),

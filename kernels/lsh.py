@@ -1,0 +1,315 @@
+"""Locality-sensitive hashing and CSR bucket tables as functions over tensors.
+
+Why: an LSH output layer (SLIDE, MONGOOSE) asks "which of C classes have a weight row
+close to this hidden vector?" without scoring all C of them. Each of ``L`` tables maps a
+vector to one of ``B`` buckets (``K`` sign bits of random projections for SimHash); classes
+whose rows fall into the query's bucket in any table are the candidates.
+
+The tables are flat sorted arrays (CSR): the ``L * C`` (table, class) entries sorted by the
+key ``table * B + code``; ``offsets[key] : offsets[key + 1]`` is one bucket. Everything is
+built, updated and queried with vectorised torch ops (sort, bincount, searchsorted,
+repeat_interleave), on any device; there is no Python loop over classes or samples.
+
+Shapes: ``N`` vectors, ``D`` features, ``L`` tables, ``K`` bits, ``B = 2**K`` buckets per
+table (``bin_size**K`` for DWTA), ``C`` classes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+MAX_BITS = 24
+
+
+def _bit_weights(num_bits: int, device: torch.device) -> torch.Tensor:
+    return torch.pow(2, torch.arange(num_bits, device=device, dtype=torch.int64))  # (K,)
+
+
+def simhash_codes(x: torch.Tensor, projection: torch.Tensor, num_tables: int, num_bits: int) -> torch.Tensor:
+    """SimHash (signed random projections): bucket of each row of ``x`` in each table.
+
+    Args:
+        x: ``(N, D)`` vectors.
+        projection: ``(D, L * K)`` projection directions, table-major (table ``l`` owns
+            columns ``l*K : (l+1)*K``).
+        num_tables: ``L``.
+        num_bits: ``K``; ``0`` puts everything into one bucket per table.
+
+    Returns:
+        ``(N, L)`` int64 codes in ``[0, 2**K)``.
+    """
+    if not 0 <= num_bits <= MAX_BITS:
+        raise ValueError(f"num_bits must be in [0, {MAX_BITS}], got {num_bits}")
+    if projection.shape != (x.shape[-1], num_tables * num_bits):
+        raise ValueError(f"projection must be (D={x.shape[-1]}, L*K={num_tables * num_bits}), got {projection.shape}")
+    if num_bits == 0:
+        return torch.zeros(x.shape[0], num_tables, dtype=torch.int64, device=x.device)
+    bits = (x @ projection.to(x.dtype) > 0).view(x.shape[0], num_tables, num_bits)  # (N, L, K)
+    return (bits.to(torch.int64) * _bit_weights(num_bits, x.device)).sum(-1)  # (N, L)
+
+
+def dwta_codes(x: torch.Tensor, coordinates: torch.Tensor, num_tables: int, num_bits: int) -> torch.Tensor:
+    """Densified winner-take-all hashing (SLIDE's DWTA) for dense inputs.
+
+    Each of the ``L * K`` hashes looks at ``bin_size`` coordinates and records which one is
+    largest; ``K`` such winners make a table's code (base ``bin_size``).
+
+    Args:
+        x: ``(N, D)`` vectors.
+        coordinates: ``(L * K, bin_size)`` int64 coordinate ids in ``[0, D)``.
+
+    Returns:
+        ``(N, L)`` int64 codes in ``[0, bin_size**K)``.
+    """
+    hashes, bin_size = coordinates.shape
+    if hashes != num_tables * num_bits:
+        raise ValueError(f"coordinates must have L*K={num_tables * num_bits} rows, got {hashes}")
+    if num_bits == 0:
+        return torch.zeros(x.shape[0], num_tables, dtype=torch.int64, device=x.device)
+    winners = x[:, coordinates].argmax(-1).view(x.shape[0], num_tables, num_bits)  # (N, L, K)
+    base = torch.pow(bin_size, torch.arange(num_bits, device=x.device, dtype=torch.int64))  # (K,)
+    return (winners * base).sum(-1)  # (N, L)
+
+
+def soft_simhash(x: torch.Tensor, projection: torch.Tensor, sharpness: float) -> torch.Tensor:
+    """Differentiable SimHash bits: ``tanh(sharpness * cos(x, column))`` in ``(-1, 1)``, ``(N, L*K)``.
+
+    ``sign`` of it equals the hard SimHash bit; used to train the projection (MONGOOSE).
+    """
+    return torch.tanh(sharpness * F.normalize(x, dim=-1) @ F.normalize(projection, dim=0))
+
+
+def triplet_hash_loss(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    projection: torch.Tensor,
+    num_tables: int,
+    margin: float,
+    sharpness: float,
+) -> torch.Tensor:
+    """MONGOOSE's triplet loss on soft hash codes: anchor and positive share buckets, negative does not.
+
+    Per table the agreement of two vectors is the mean product of their soft bits (1 = same
+    bucket); the loss is ``relu(margin - agree(a, p) + agree(a, n))`` averaged over tables and rows.
+    ``anchor``, ``positive``, ``negative``: ``(N, D)``.
+    """
+    a, p, n = (soft_simhash(v, projection, sharpness) for v in (anchor, positive, negative))  # (N, L*K)
+    rows = a.shape[0]
+    agree_pos = (a * p).view(rows, num_tables, -1).mean(-1)  # (N, L)
+    agree_neg = (a * n).view(rows, num_tables, -1).mean(-1)  # (N, L)
+    return F.relu(margin - agree_pos + agree_neg).mean()
+
+
+def simhash_collision_probability(cosine: torch.Tensor, num_bits: int, num_tables: int = 1) -> torch.Tensor:
+    """Closed form: probability that two vectors at this cosine share a bucket in at least one of ``L`` tables.
+
+    One bit agrees with probability ``1 - theta / pi``; a table needs all ``K`` bits:
+    ``1 - (1 - (1 - theta / pi) ** K) ** L``.
+    """
+    theta = torch.arccos(cosine.clamp(-1.0, 1.0))
+    per_table = (1.0 - theta / math.pi) ** num_bits
+    return 1.0 - (1.0 - per_table) ** num_tables
+
+
+def bucket_keys(codes: torch.Tensor, num_buckets: int) -> torch.Tensor:
+    """``(N, L)`` codes -> ``(N, L)`` global keys ``table * B + code`` (one key space for all tables)."""
+    tables = torch.arange(codes.shape[1], device=codes.device, dtype=torch.int64)
+    return codes + tables * num_buckets
+
+
+def build_buckets(codes: torch.Tensor, num_buckets: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """CSR bucket tables from the codes of all classes.
+
+    Args:
+        codes: ``(C, L)`` int64 codes of every class.
+        num_buckets: ``B``.
+
+    Returns:
+        ``offsets`` ``(L * B + 1,)`` and ``members`` ``(L * C,)``: the classes of bucket
+        ``key = table * B + code`` are ``members[offsets[key]:offsets[key + 1]]`` (ascending ids).
+    """
+    num_classes, num_tables = codes.shape
+    keys = bucket_keys(codes, num_buckets).t().reshape(-1)  # (L * C,), table-major
+    order = torch.sort(keys, stable=True).indices  # (L * C,)
+    members = order % num_classes
+    counts = torch.bincount(keys, minlength=num_tables * num_buckets)  # (L * B,)
+    offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
+    return offsets, members
+
+
+def update_buckets(
+    offsets: torch.Tensor,
+    members: torch.Tensor,
+    rows: torch.Tensor,
+    old_codes: torch.Tensor,
+    new_codes: torch.Tensor,
+    num_buckets: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Move ``rows`` from their old buckets to their new ones without re-sorting the tables.
+
+    Linear in ``L * C`` (a mask and a merge) instead of a full sort: the entries of ``rows``
+    are dropped, their new entries sorted (``n * L`` of them) and merged in. The result groups
+    the same classes per bucket as ``build_buckets(all new codes)`` (order inside a bucket
+    may differ).
+
+    Args:
+        offsets, members: tables from ``build_buckets`` / a previous update.
+        rows: ``(n,)`` distinct class ids.
+        old_codes: ``(n, L)`` the codes the tables hold for ``rows``.
+        new_codes: ``(n, L)`` their new codes.
+    """
+    num_keys = offsets.numel() - 1
+    num_tables = old_codes.shape[1]
+    num_classes = members.numel() // max(num_tables, 1)
+    if rows.numel() == 0:
+        return offsets, members
+    counts = offsets.diff()  # (L * B,)
+    moving = torch.zeros(num_classes, dtype=torch.bool, device=members.device)
+    moving[rows] = True
+    keep = ~moving[members]  # (L * C,)
+    kept = members[keep]
+    key_of_entry = torch.repeat_interleave(
+        torch.arange(num_keys, device=members.device), counts, output_size=members.numel()
+    )  # (L * C,)
+    kept_keys = key_of_entry[keep]
+    new_keys, order = torch.sort(bucket_keys(new_codes, num_buckets).reshape(-1), stable=True)  # (n * L,)
+    new_members = rows.repeat_interleave(num_tables)[order]
+    insert_at = torch.searchsorted(kept_keys, new_keys, right=True)  # (n * L,)
+    out = torch.empty_like(members)
+    out[insert_at + torch.arange(new_keys.numel(), device=members.device)] = new_members
+    inserted_before = torch.bincount(insert_at, minlength=kept.numel() + 1).cumsum(0)[: kept.numel()]
+    out[torch.arange(kept.numel(), device=members.device) + inserted_before] = kept
+    old_keys = bucket_keys(old_codes, num_buckets).reshape(-1)
+    counts = counts - torch.bincount(old_keys, minlength=num_keys) + torch.bincount(new_keys, minlength=num_keys)
+    return torch.cat([counts.new_zeros(1), counts.cumsum(0)]), out
+
+
+def query_buckets(
+    query_codes: torch.Tensor,
+    offsets: torch.Tensor,
+    members: torch.Tensor,
+    num_buckets: int,
+    max_per_bucket: int = 0,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """All classes in the buckets of each query, as a flat (query, class) list.
+
+    Args:
+        query_codes: ``(N, L)`` codes of the queries.
+        max_per_bucket: read at most this many entries of a bucket (0 = all), starting at a
+            random position and wrapping around, so a huge bucket costs a bounded amount and
+            every member has the same chance to be read.
+
+    Returns:
+        ``classes`` ``(M,)`` and ``query_index`` ``(M,)`` in ``[0, N)``; a class appears once per
+        table it collides in.
+    """
+    n, num_tables = query_codes.shape
+    keys = bucket_keys(query_codes, num_buckets).reshape(-1)  # (N * L,)
+    start = offsets[keys]
+    length = offsets[keys + 1] - start  # (N * L,)
+    if max_per_bucket > 0:
+        take = length.clamp(max=max_per_bucket)
+        rand = torch.rand(length.shape, generator=generator, device=length.device)
+        shift = (rand * length).to(torch.int64)  # in [0, length)
+    else:
+        take, shift = length, torch.zeros_like(length)
+    total = int(take.sum())
+    segment = torch.repeat_interleave(torch.arange(n * num_tables, device=keys.device), take, output_size=total)
+    within = torch.arange(total, device=keys.device) - (take.cumsum(0) - take)[segment]  # (M,)
+    seg_length = length[segment].clamp(min=1)
+    position = start[segment] + (shift[segment] + within) % seg_length
+    return members[position], segment // num_tables
+
+
+def select_sample(
+    counts: torch.Tensor,
+    labels: torch.Tensor,
+    sample_size: int,
+    generator: torch.Generator | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classes a training step scores: labels, then LSH candidates, then uniform negatives.
+
+    One ``topk`` over ``counts + U(0, 1)``, labels lifted above everything: labels always get in,
+    candidates colliding with more queries come first, the rest is filled by classes drawn
+    uniformly (their score is pure noise). Fixed size unless there are more distinct labels
+    than ``sample_size``, in which case all labels and nothing else.
+
+    Args:
+        counts: ``(C,)`` how often each class was retrieved for the batch.
+        labels: ``(n,)`` class ids that must be in the sample.
+
+    Returns:
+        ``sample`` ``(S,)`` ascending distinct class ids, and ``label_retrieved`` ``(n,)``: whether
+        each label would be in the sample had it not been forced in (retrieved, and scored above
+        the lowest non-label class selected).
+    """
+    num_classes = counts.numel()
+    score = counts.to(torch.float32) + torch.rand(num_classes, generator=generator, device=counts.device)
+    label_score = score[labels]
+    forced = score.clone()
+    forced[labels] = float("inf")
+    distinct_labels = int(torch.isinf(forced).sum())
+    size = min(num_classes, max(sample_size, distinct_labels))
+    top = torch.topk(forced, size, sorted=True)
+    if size > distinct_labels:
+        lowest_other = top.values[-1]
+        label_retrieved = (counts[labels] > 0) & (label_score >= lowest_other)
+    else:  # the labels fill the sample; only those retrieved at all count as found
+        label_retrieved = counts[labels] > 0
+    return torch.sort(top.indices).values, label_retrieved
+
+
+def scatter_topk(
+    scores: torch.Tensor, classes: torch.Tensor, query_index: torch.Tensor, num_queries: int, k: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-query top-``k`` over a flat list of distinct (query, class, score) triples.
+
+    Returns ``(N, k)`` scores and class ids, padded with ``-inf`` / ``-1`` where a query has
+    fewer than ``k`` candidates.
+    """
+    device = scores.device
+    order = torch.argsort(query_index, stable=True)
+    query_index, classes, scores = query_index[order], classes[order], scores[order]
+    per_query = torch.bincount(query_index, minlength=num_queries)  # (N,)
+    width = max(int(per_query.max()) if per_query.numel() else 0, k)
+    first = per_query.cumsum(0) - per_query
+    slot = torch.arange(query_index.numel(), device=device) - first[query_index]
+    dense_scores = torch.full((num_queries, width), float("-inf"), dtype=scores.dtype, device=device)
+    dense_ids = torch.full((num_queries, width), -1, dtype=torch.int64, device=device)
+    dense_scores[query_index, slot] = scores
+    dense_ids[query_index, slot] = classes
+    top_scores, where = torch.topk(dense_scores, k, dim=1)  # (N, k)
+    return top_scores, torch.gather(dense_ids, 1, where)
+
+
+def dedupe_pairs(classes: torch.Tensor, query_index: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, ...]:
+    """Distinct (query, class) pairs of ``query_buckets`` output and how many tables each collided in."""
+    pair = query_index * num_classes + classes
+    unique, counts = torch.unique(pair, return_counts=True)
+    return unique % num_classes, unique // num_classes, counts
+
+
+def per_query_candidates(
+    classes: torch.Tensor,
+    query_index: torch.Tensor,
+    num_queries: int,
+    num_classes: int,
+    quota: int,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Each query's ``quota`` best candidates (most tables collided in, ties at random), as ``(C,)`` counts.
+
+    Why: ranking a batch's union of candidates by total collisions lets big clusters of queries
+    crowd out a lone query's own neighbours; a per-query quota keeps every query's best ones.
+    Returns how many queries kept each class (0 = not kept by any).
+    """
+    classes, query_index, tables = dedupe_pairs(classes, query_index, num_classes)
+    noise = torch.rand(tables.shape, generator=generator, device=tables.device)
+    _, kept = scatter_topk(tables + noise, classes, query_index, num_queries, quota)  # (N, quota), -1 padded
+    kept = kept[kept >= 0]
+    return torch.bincount(kept, minlength=num_classes)

@@ -1,0 +1,87 @@
+"""Sequential interaction logs for next-item training: one user per line, ``user_id item item ...`` in time order.
+
+Items are 1-based in the file and become 0-based classes here. The usual protocol (SASRec):
+each user's last item is the test target, the one before the validation target, and every
+earlier position a training target with the items before it as history. Histories are the
+last ``max_len`` items, left-padded with ``-1``.
+
+Example::
+
+    log = read_sequences("amazon_beauty.txt")
+    splits = next_item_splits(log, max_len=50)
+    histories, targets = splits["train"]       # (E, 50) int64 with -1 padding, (E,)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+
+@dataclass(frozen=True)
+class SequenceLog:
+    """Items of all users, concatenated (``items``), with ``offsets`` ``(U+1,)``; ``num_items`` classes."""
+
+    user_ids: torch.Tensor
+    items: torch.Tensor
+    offsets: torch.Tensor
+    num_items: int
+
+    @property
+    def num_users(self) -> int:
+        return self.user_ids.numel()
+
+
+def read_sequences(path: str | Path) -> SequenceLog:
+    """Parse the log; a malformed line raises an error naming the file and line."""
+    path = Path(path)
+    users, items, lengths = [], [], []
+    with path.open() as f:
+        for line_no, line in enumerate(f, start=1):
+            parts = line.split()
+            if not parts:
+                continue
+            try:
+                values = [int(v) for v in parts]
+            except ValueError as exc:
+                raise ValueError(f"{path}:{line_no}: non-integer field ({exc})") from exc
+            if len(values) < 2 or min(values[1:]) < 1:
+                raise ValueError(f"{path}:{line_no}: need a user id and at least one item id >= 1")
+            users.append(values[0])
+            items.extend(v - 1 for v in values[1:])
+            lengths.append(len(values) - 1)
+    if not users:
+        raise ValueError(f"{path}: no users")
+    items_t = torch.tensor(items, dtype=torch.int64)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.int64), torch.tensor(lengths).cumsum(0)])
+    return SequenceLog(torch.tensor(users), items_t, offsets, int(items_t.max()) + 1)
+
+
+def _histories(log: SequenceLog, target_pos: torch.Tensor, user: torch.Tensor, max_len: int) -> torch.Tensor:
+    """``(E, max_len)`` the items before each target position (absolute index into ``items``), left-padded."""
+    back = torch.arange(max_len, 0, -1)  # max_len .. 1
+    pos = target_pos[:, None] - back[None, :]  # (E, max_len)
+    valid = pos >= log.offsets[user][:, None]
+    return torch.where(valid, log.items[pos.clamp(min=0)], torch.full_like(pos, -1))
+
+
+def next_item_splits(log: SequenceLog, max_len: int = 50) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{"train", "validation", "test"}`` -> ``(histories (E, max_len), targets (E,))``.
+
+    Users with fewer than 3 items give no validation/test example (all their items train).
+    """
+    lengths = log.offsets.diff()
+    user_of = torch.repeat_interleave(torch.arange(log.num_users), lengths)
+    position = torch.arange(log.items.numel()) - log.offsets[user_of]  # index inside the user's sequence
+    length = lengths[user_of]
+    held = length >= 3
+    is_test = held & (position == length - 1)
+    is_val = held & (position == length - 2)
+    is_train = (position >= 1) & ~is_test & ~is_val
+    out = {}
+    for name, mask in (("train", is_train), ("validation", is_val), ("test", is_test)):
+        target_pos = mask.nonzero().squeeze(1)
+        out[name] = (_histories(log, target_pos, user_of[target_pos], max_len), log.items[target_pos])
+    return out
