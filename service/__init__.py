@@ -1,0 +1,1 @@
+"""The HTTP service: score, rank and recommend with an exported DLRM (``python -m service --help``)."""

@@ -1,0 +1,276 @@
+"""Load test on loopback: our service vs LitServe serving the same export, in the same run.
+
+Question: how many requests/s, and what p50 / p99 latency, does ``python -m service`` give at
+concurrency 1, 8 and 32 for ``/v1/score`` (batch 1 and 64) and ``/v1/rank`` (100 candidates),
+next to LitServe (``litserve.LitServer``, its own batching) serving the same exported model
+with the same preprocessing? Target: p99 < 10 ms for a 100-candidate rank at concurrency 8.
+
+The client is a few lines of asyncio over raw HTTP/1.1 keep-alive connections with the request
+bytes built in advance, so it takes as little of the machine's CPU as a Python client can.
+
+Example::
+
+    python -m bench.serve_load --model exports/dlrm --duration 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import litserve as ls
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SCENARIOS = {"score1": ("/v1/score", 1), "score64": ("/v1/score", 64), "rank100": ("/v1/rank", 100)}
+
+
+# -- payloads ---------------------------------------------------------------------------------
+def _row(rng: np.random.Generator) -> dict:
+    dense = [None if rng.random() < 0.15 else int(rng.integers(0, 5000)) for _ in range(13)]
+    sparse = [None if rng.random() < 0.1 else f"{int(rng.integers(0, 5000)):x}" for _ in range(26)]
+    return {"dense": dense, "sparse": sparse}
+
+
+def payload(scenario: str, seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    path, n = SCENARIOS[scenario]
+    if path == "/v1/score":
+        return json.dumps({"rows": [_row(rng) for _ in range(n)]}).encode()
+    candidates = [
+        {"id": f"item-{i}", "sparse": {c: f"{int(rng.integers(0, 5000)):x}" for c in ("C3", "C4", "C12", "C16")}}
+        for i in range(n)
+    ]
+    return json.dumps({"context": _row(rng), "candidates": candidates, "top_k": 10}).encode()
+
+
+# -- client -----------------------------------------------------------------------------------
+async def _connection(host: str, port: int, request: bytes, until: float, warm_until: float, out: list, errors: list):
+    reader, writer = await asyncio.open_connection(host, port)
+    try:
+        while True:
+            start = time.perf_counter()
+            if start >= until:
+                return
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head.split(b" ", 2)[1])
+            length = 0
+            for line in head.split(b"\r\n"):
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":", 1)[1])
+            await reader.readexactly(length)
+            end = time.perf_counter()
+            if status != 200:
+                errors.append(status)
+            elif start >= warm_until:
+                out.append(end - start)
+    finally:
+        writer.close()
+
+
+async def load(host: str, port: int, path: str, body: bytes, concurrency: int, seconds: float, warmup: float):
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    now = time.perf_counter()
+    latencies: list[float] = []
+    errors: list[int] = []
+    await asyncio.gather(
+        *(
+            _connection(host, port, request, now + warmup + seconds, now + warmup, latencies, errors)
+            for _ in range(concurrency)
+        )
+    )
+    lat = np.array(latencies) * 1000
+    return {
+        "rps": len(lat) / seconds,
+        "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+        "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+        "errors": len(errors),
+    }
+
+
+# -- LitServe serving the same export ------------------------------------------------------------
+class _LitBase(ls.LitAPI):
+    """The same validation (service.schemas), encoding and model as our service; LitServe batches."""
+
+    def __init__(self, model_dir: Path, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.model_dir = model_dir
+
+    def setup(self, device) -> None:
+        import torch
+
+        from pipelines.export_format import load_exported
+
+        torch.set_num_threads(1)
+        self.model = load_exported(self.model_dir)
+
+    def batch(self, inputs):
+        return inputs
+
+    def unbatch(self, output):
+        return output
+
+    def predict(self, batch):
+        dense = np.concatenate([b[0] for b in batch])
+        ids = np.concatenate([b[1] for b in batch])
+        scores = self.model.predict(dense, ids)
+        out, start = [], 0
+        for b in batch:
+            out.append((scores[start : start + len(b[0])], b[2]))
+            start += len(b[0])
+        return out
+
+
+class LitScoreAPI(_LitBase):
+    def decode_request(self, request):
+        from service.schemas import ScoreRequest
+
+        body = ScoreRequest.model_validate(request)
+        dense, ids = self.model.encoder.encode([r.dense for r in body.rows], [r.sparse for r in body.rows])
+        return dense, ids, None
+
+    def encode_response(self, output):
+        return {"scores": output[0].tolist(), "model": self.model.version}
+
+
+class LitRankAPI(_LitBase):
+    def decode_request(self, request):
+        from service.schemas import RankRequest
+
+        body = RankRequest.model_validate(request)
+        dense = [{int(k[1:]) - 1: v for k, v in c.dense.items()} for c in body.candidates]
+        sparse = [{int(k[1:]) - 1: v for k, v in c.sparse.items()} for c in body.candidates]
+        encoded = self.model.encoder.encode_variants(body.context.dense, body.context.sparse, dense, sparse)
+        return encoded[0], encoded[1], (body.candidates, body.top_k)
+
+    def encode_response(self, output):
+        scores, (candidates, top_k) = output
+        order = np.argsort(-scores, kind="stable")[: top_k or len(scores)]
+        return {
+            "items": [{"id": candidates[i].id, "score": float(scores[i]), "index": int(i)} for i in order],
+            "model": self.model.version,
+        }
+
+
+def run_litserve(model_dir: Path, port: int, max_batch: int, batch_timeout: float) -> None:
+    """LitServe with two APIs (/v1/score, /v1/rank) over the same export."""
+    apis = [
+        LitScoreAPI(model_dir, api_path="/v1/score", max_batch_size=max_batch, batch_timeout=batch_timeout),
+        LitRankAPI(model_dir, api_path="/v1/rank", max_batch_size=max_batch, batch_timeout=batch_timeout),
+    ]
+    server = ls.LitServer(apis, accelerator="cpu", workers_per_device=1, timeout=30)
+    server.run(host="127.0.0.1", port=port, num_api_servers=1, generate_client_file=False, log_level="warning")
+
+
+# -- orchestration ------------------------------------------------------------------------------
+def _wait_ready(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"{url} not ready")
+
+
+def start_server(kind: str, model: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if kind == "ours":
+        cmd = [sys.executable, "-m", "service", "--model", str(model), "--port", str(port)]
+        cmd += ["--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]
+        ready = f"http://127.0.0.1:{port}/readyz"
+    else:
+        cmd = [sys.executable, "-m", "bench.serve_load", "--litserve-server", "--model", str(model)]
+        cmd += ["--port", str(port), "--litserve-max-batch", str(args.litserve_max_batch)]
+        cmd += ["--litserve-batch-timeout", str(args.litserve_batch_timeout)]
+        ready = f"http://127.0.0.1:{port}/health"
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _wait_ready(ready, proc)
+    return proc
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.serve_load",
+        description="Loopback load test of `python -m service` next to LitServe serving the same export: "
+        "requests/s, p50 and p99 latency per endpoint and concurrency.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--model", type=Path, required=True, help="export directory (pipelines.export)")
+    p.add_argument("--duration", type=float, default=5.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each point")
+    p.add_argument("--concurrency", default="1,8,32", help="comma-separated numbers of concurrent connections")
+    p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {list(SCENARIOS)}")
+    p.add_argument("--servers", default="ours,litserve", help="comma-separated: ours, litserve")
+    p.add_argument("--port", type=int, default=18100, help="first port used (ours; LitServe gets port+1)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0, help="our service's --max-wait-ms")
+    p.add_argument("--litserve-max-batch", type=int, default=32, help="LitServe max_batch_size")
+    p.add_argument("--litserve-batch-timeout", type=float, default=0.001, help="LitServe batch_timeout (seconds)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    p.add_argument("--litserve-server", action="store_true", help="(internal) run the LitServe server and block")
+    return p
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    args = build_parser().parse_args(argv)
+    if args.litserve_server:
+        run_litserve(args.model, args.port, args.litserve_max_batch, args.litserve_batch_timeout)
+        return []
+    results = []
+    for offset, kind in enumerate(args.servers.split(",")):
+        port = args.port + offset
+        proc = start_server(kind, args.model, port, args)
+        try:
+            for scenario in args.scenarios.split(","):
+                path, _ = SCENARIOS[scenario]
+                body = payload(scenario)
+                for c in (int(x) for x in args.concurrency.split(",")):
+                    r = asyncio.run(load("127.0.0.1", port, path, body, c, args.duration, args.warmup))
+                    results.append({"server": kind, "scenario": scenario, "concurrency": c, **r})
+                    print(
+                        f"{kind:9s} {scenario:8s} c={c:<3d} {r['rps']:8.1f} req/s  p50 {r['p50']:7.2f} ms  "
+                        f"p99 {r['p99']:7.2f} ms  errors {r['errors']}",
+                        flush=True,
+                    )
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    _report(results)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return results
+
+
+def _report(results: list[dict]) -> None:
+    by = {(r["server"], r["scenario"], r["concurrency"]): r for r in results}
+    print("\n| endpoint | conc. | ours req/s | ours p50 / p99 ms | LitServe req/s | LitServe p50 / p99 ms | ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for (server, scenario, c), r in by.items():
+        if server != "ours":
+            continue
+        other = by.get(("litserve", scenario, c))
+        lit = f"{other['rps']:.0f} | {other['p50']:.2f} / {other['p99']:.2f}" if other else "- | -"
+        ratio = f"{r['rps'] / other['rps']:.2f}x" if other and other["rps"] else "-"
+        print(f"| {scenario} | {c} | {r['rps']:.0f} | {r['p50']:.2f} / {r['p99']:.2f} | {lit} | {ratio} |")
+    rank8 = by.get(("ours", "rank100", 8))
+    if rank8:
+        verdict = "met" if rank8["p99"] < 10 else "NOT met"
+        print(f"\nrank of 100 candidates at concurrency 8: p99 {rank8['p99']:.2f} ms (target < 10 ms: {verdict})")
+
+
+if __name__ == "__main__":
+    main()

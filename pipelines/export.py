@@ -1,0 +1,402 @@
+"""Turn a training checkpoint into a self-describing export directory the service loads.
+
+Example::
+
+    python -m pipelines.export --checkpoint runs/dlrm --out exports/dlrm
+    python -m pipelines.export --checkpoint runs/tt/checkpoints/step-00002000 --out exports/tt \\
+        --core-dtype int8 --evaluate
+
+What goes in (``pipelines.export_format`` describes the layout): the model tensors of the
+checkpoint (MLPs, dense tables, TT cores with their shapes, and the TT LFU cache rows so the
+served rows are the trained ones; not the optimizer state nor the frequency counts), the
+model config, the feature config (dense transform, hash moduli or frequency vocabularies
+from the data directory's ``metadata.json`` / ``vocab.npz``), bytes and compression per
+table, the run's metrics, and a sha256 per file. Written atomically: a crash leaves the
+previous export in place.
+
+Why the checkpoint is read without ``DistributedModelParallel``: DCP stores each sharded
+table with its global shape, so loading it into plain tensors of those shapes (one process,
+no process group) reassembles the tables whatever the number of ranks that wrote them.
+
+``--core-dtype fp16|int8`` stores the TT cores smaller (int8: one float32 scale per core
+row). With ``--evaluate`` (default on when the cores are not fp32) the export scores the
+validation and test splits with the fp32 and the stored model and refuses to write when the
+AUC drops by more than ``--max-auc-drop``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+from pipelines.checkpoint import TRAINER_STATE_FILE, latest_checkpoint
+from pipelines.evaluate import binary_metrics
+from pipelines.export_format import (
+    CORE_DTYPES,
+    FEATURES_FILE,
+    FORMAT,
+    FORMAT_VERSION,
+    MODEL_FILE,
+    SCALE_SUFFIX,
+    FeatureEncoder,
+    build_model,
+    compressed_table_bytes,
+    dequantize,
+    finite_or_none,
+    quantize,
+    serving_state_keys,
+    sha256_bytes,
+    tt_core_names,
+    write_export,
+)
+from pipelines.loader import ParquetBatchLoader
+from pipelines.preprocess import VOCAB_FILE, load_metadata
+from recsys.tt_collection import TTEmbeddingBagCollection
+
+log = logging.getLogger("pipelines.export")
+
+METRICS_FILE = "metrics.json"
+_MODEL_PREFIX = "model.model."  # checkpoint key "model", then DLRMTrain's "model."
+EVAL_BATCH = 8192
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory, or a run directory (its best checkpoint if selected, else the latest)."""
+    path = Path(path)
+    if (path / TRAINER_STATE_FILE).is_file():
+        return path
+    if not path.is_dir():
+        raise FileNotFoundError(f"--checkpoint {path}: no such directory")
+    metrics = _read_json(path / METRICS_FILE)
+    best = latest_checkpoint(path / "best")
+    if best is not None and metrics and metrics.get("config", {}).get("select_best"):
+        return best
+    latest = latest_checkpoint(path / "checkpoints")
+    if latest is None:
+        raise FileNotFoundError(
+            f"--checkpoint {path}: neither a checkpoint (no {TRAINER_STATE_FILE}) nor a run directory with "
+            "complete checkpoints under checkpoints/"
+        )
+    return latest
+
+
+def _read_json(path: Path) -> dict | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _run_dir(checkpoint: Path) -> Path:
+    return checkpoint.parent.parent  # RUN/checkpoints/step-N or RUN/best/step-N
+
+
+def load_checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
+    """The model tensors of a DCP training checkpoint, as plain tensors named as in a plain DLRM."""
+    metadata = FileSystemReader(str(checkpoint)).read_metadata()
+    state = {
+        key: torch.empty(entry.size, dtype=entry.properties.dtype)
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(_MODEL_PREFIX) and isinstance(entry, TensorStorageMetadata)
+    }
+    if not state:
+        raise ValueError(f"{checkpoint}: no model tensors under {_MODEL_PREFIX!r}; not a pipelines.train checkpoint")
+    dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
+    return {key.removeprefix(_MODEL_PREFIX): value for key, value in state.items()}
+
+
+def model_section(config: dict) -> dict:
+    """The manifest's ``model``: what ``export_format.build_model`` needs, from the run's TrainConfig."""
+    ranks = config["tt_ranks"]
+    return {
+        "embedding_dim": config["embedding_dim"],
+        "dense_arch": list(config["dense_arch"]),
+        "over_arch": list(config["over_arch"]),
+        "interaction": config["interaction"],
+        "embeddings": config["embeddings"],
+        "tt": {
+            "ranks": ranks[0] if len(ranks) == 1 else list(ranks),
+            "threshold": config["tt_threshold"],
+            "num_cores": config["tt_cores"],
+            "cache_size": config["tt_cache_size"],
+        },
+    }
+
+
+def features_section(metadata: dict) -> dict:
+    options = metadata["options"]
+    return {
+        "dense_features": metadata["dense_features"],
+        "sparse_features": metadata["sparse_features"],
+        "dense_transform": "log1p(max(x, 0)); missing -> 0",
+        "sparse_mapping": "index 0 = missing, 1 = out of vocabulary; "
+        + ("2 + value % (max_index - 2)" if options["vocab"] == "hash" else "2 + rank in the frequency vocabulary"),
+        "vocab": options["vocab"],
+        "max_index": options["max_index"],
+        "min_frequency": options["min_frequency"],
+        "vocab_sizes": metadata["vocab_sizes"],
+    }
+
+
+def _vocabularies(data_dir: Path, metadata: dict) -> dict[str, np.ndarray]:
+    if metadata["options"]["vocab"] != "freq":
+        return {}
+    with np.load(data_dir / VOCAB_FILE, allow_pickle=False) as archive:
+        return {name: archive[name].astype(np.uint32) for name in metadata["sparse_features"]}
+
+
+def table_section(model: torch.nn.Module, core_dtype: str) -> dict:
+    """Per table: kind, rows, bytes stored in the export, bytes as a dense table, compression."""
+    collection = model.sparse_arch.embedding_bag_collection
+    tables = {}
+    if isinstance(collection, TTEmbeddingBagCollection):
+        report = collection.table_report()
+    else:
+        report = {
+            cfg.name: {"kind": "dense", "rows": cfg.num_embeddings, "bytes": cfg.num_embeddings * cfg.embedding_dim * 4}
+            for cfg in collection.embedding_bag_configs()
+        }
+    dims = {cfg.name: cfg.embedding_dim for cfg in collection.embedding_bag_configs()}
+    for name, entry in report.items():
+        dense_bytes = entry["rows"] * dims[name] * 4
+        stored = compressed_table_bytes(entry, core_dtype) if entry["kind"] == "tt" else entry["bytes"]
+        row = {"kind": entry["kind"], "rows": entry["rows"], "bytes": stored, "dense_bytes": dense_bytes}
+        if entry["kind"] == "tt":
+            row |= {k: entry[k] for k in ("p_shapes", "q_shapes", "ranks")} | {"core_dtype": core_dtype}
+        row["compression"] = round(dense_bytes / stored, 3)
+        tables[name.removeprefix("t_")] = row
+    return tables
+
+
+def evaluate_model(model: torch.nn.Module, data_dir: Path, split: str) -> dict | None:
+    """AUC / log loss of a plain DLRM on a split of the preprocessed data (None when the split is empty)."""
+    loader = ParquetBatchLoader(data_dir, split, EVAL_BATCH, shuffle=False)
+    if loader.num_rows == 0:
+        return None
+    logits, labels = [], []
+    with torch.inference_mode():
+        for batch in loader.batches():
+            logits.append(model(batch.dense_features, batch.sparse_features).reshape(-1))
+            labels.append(batch.labels)
+    return {k: finite_or_none(v) for k, v in binary_metrics(torch.cat(logits), torch.cat(labels)).items()}
+
+
+def export_checkpoint(
+    checkpoint: Path,
+    out: Path,
+    data_dir: Path | None = None,
+    core_dtype: str = "fp32",
+    evaluate: bool | None = None,
+    max_auc_drop: float = 0.001,
+    version: str | None = None,
+) -> dict:
+    """Export ``checkpoint`` (or a run directory's) to ``out``; returns the manifest written."""
+    if core_dtype not in CORE_DTYPES:
+        raise ValueError(f"core_dtype must be one of {CORE_DTYPES}, got {core_dtype!r}")
+    start = time.perf_counter()
+    checkpoint = resolve_checkpoint(checkpoint)
+    trainer_state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
+    config = trainer_state.get("config")
+    if not config:
+        raise ValueError(f"{checkpoint / TRAINER_STATE_FILE}: no training config; not a pipelines.train checkpoint")
+    run_metrics = _read_json(_run_dir(checkpoint) / METRICS_FILE) or {}
+    if data_dir is None:
+        if "data" not in run_metrics:
+            raise ValueError(
+                f"no --data given and {_run_dir(checkpoint) / METRICS_FILE} does not name the data directory; "
+                "pass --data DIR (the output of pipelines.preprocess the run trained on)"
+            )
+        data_dir = Path(run_metrics["data"])
+    metadata = load_metadata(data_dir)
+    features = features_section(metadata)
+    vocabularies = _vocabularies(data_dir, metadata)
+    encoder = FeatureEncoder(features, vocabularies)
+    if encoder.vocab_sizes != metadata["vocab_sizes"]:
+        raise ValueError(f"{data_dir}: vocab.npz does not match metadata.json's vocab_sizes")
+    log.info("exporting %s (step %s) with the features of %s", checkpoint, trainer_state.get("step"), data_dir)
+
+    section = model_section(config)
+    model = build_model(section, encoder.vocab_sizes, len(encoder.dense_columns))
+    stored = load_checkpoint_tensors(checkpoint)
+    keys = serving_state_keys(model)
+    missing = [k for k in keys if k not in stored]
+    if missing:
+        raise ValueError(f"{checkpoint}: the checkpoint lacks {missing[:5]} (of {len(missing)}) the model needs")
+    model.load_state_dict({k: stored[k] for k in keys}, strict=False)
+    tensors = {k: stored[k] for k in keys}
+
+    cores = set(tt_core_names(model))
+    if core_dtype != "fp32":
+        for name in cores:
+            parts = quantize(tensors[name], core_dtype)
+            tensors[name] = parts[""]
+            if SCALE_SUFFIX in parts:
+                tensors[name + SCALE_SUFFIX] = parts[SCALE_SUFFIX]
+    if evaluate is None:
+        evaluate = core_dtype != "fp32" and bool(cores)
+    export_eval = None
+    if evaluate:
+        export_eval = _evaluate_storage(model, tensors, cores, data_dir, core_dtype, max_auc_drop)
+
+    model_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    tables = table_section(model, core_dtype)
+    manifest = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "version": version or f"step{trainer_state.get('step', 0)}-{_digest(tensors)[:10]}",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "source": {"checkpoint": str(checkpoint), "step": trainer_state.get("step"), "data": str(data_dir)},
+        "model": section,
+        "features": features,
+        "core_dtype": core_dtype if cores else None,
+        "tables": tables,
+        "compression": {
+            "table_bytes": sum(t["bytes"] for t in tables.values()),
+            "dense_table_bytes": sum(t["dense_bytes"] for t in tables.values()),
+            "ratio": round(
+                sum(t["dense_bytes"] for t in tables.values()) / sum(t["bytes"] for t in tables.values()), 3
+            ),
+            "model_file_tensor_bytes": model_bytes,
+        },
+        "metrics": _metrics_at_export(run_metrics, trainer_state, export_eval),
+        "training_config": config,
+        "retrieval": None,  # the LSH output layer (issue 5): tables and projection, when a model has one
+    }
+    files = {MODEL_FILE: tensors}
+    if vocabularies:
+        files[FEATURES_FILE] = {name: torch.from_numpy(keys_) for name, keys_ in vocabularies.items()}
+    write_export(out, files, manifest)
+    log.info(
+        "wrote %s (version %s): tables %.1f MiB stored, %.1fx smaller than dense, in %.1fs",
+        out,
+        manifest["version"],
+        manifest["compression"]["table_bytes"] / 2**20,
+        manifest["compression"]["ratio"],
+        time.perf_counter() - start,
+    )
+    return manifest
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    parts = [
+        f"{k}:{v.dtype}:{list(v.shape)}:{sha256_bytes(v.contiguous().view(torch.uint8).numpy().tobytes())}"
+        for k, v in sorted(tensors.items())
+    ]
+    return sha256_bytes("\n".join(parts).encode())
+
+
+def _evaluate_storage(model, tensors, cores, data_dir: Path, core_dtype: str, max_auc_drop: float) -> dict:
+    """AUC of the fp32 model and of the model with the stored cores, on validation and test."""
+    result: dict = {"core_dtype": core_dtype}
+    for split in ("validation", "test"):
+        result[f"{split}_fp32"] = evaluate_model(model, data_dir, split)
+    if cores and core_dtype != "fp32":
+        state = {k: dequantize(tensors[k], tensors.get(k + SCALE_SUFFIX)) for k in cores}
+        original = {k: v.clone() for k, v in model.state_dict().items() if k in cores}
+        model.load_state_dict(state, strict=False)
+        for split in ("validation", "test"):
+            result[f"{split}_{core_dtype}"] = evaluate_model(model, data_dir, split)
+        model.load_state_dict(original, strict=False)
+        for split in ("validation", "test"):
+            before, after = result[f"{split}_fp32"], result[f"{split}_{core_dtype}"]
+            if before is None or before["auc"] is None or after["auc"] is None:
+                continue
+            drop = before["auc"] - after["auc"]
+            result[f"{split}_auc_drop"] = drop
+            log.info("%s AUC: fp32 %.5f, %s %.5f (drop %.5f)", split, before["auc"], core_dtype, after["auc"], drop)
+            if drop > max_auc_drop:
+                raise ValueError(
+                    f"--core-dtype {core_dtype} lowers the {split} AUC by {drop:.5f} > --max-auc-drop {max_auc_drop}; "
+                    "export with a wider --core-dtype"
+                )
+    return result
+
+
+def _metrics_at_export(run_metrics: dict, trainer_state: dict, export_eval: dict | None) -> dict:
+    """The run's metrics when they belong to this checkpoint, else its last validation point."""
+    metrics: dict = {}
+    if run_metrics and run_metrics.get("selected_step", run_metrics.get("steps")) == trainer_state.get("step"):
+        metrics = {
+            k: finite_or_none(run_metrics.get(k)) for k in ("val_auc", "val_logloss", "test_auc", "test_logloss")
+        }
+    else:
+        validation = (trainer_state.get("history") or {}).get("validation") or []
+        if validation:
+            last = validation[-1]
+            metrics = {"val_auc": finite_or_none(last["auc"]), "val_logloss": finite_or_none(last["logloss"])}
+    metrics["step"] = trainer_state.get("step")
+    if export_eval is not None:
+        metrics["export_evaluation"] = export_eval
+    return metrics
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.export",
+        description="Export a pipelines.train checkpoint (dense or TT tables) to a versioned, self-describing "
+        "directory: safetensors tensors, a JSON manifest with the model and feature config, vocabularies, "
+        "compression per table, metrics and a sha256 per file. Written atomically; served by `python -m service`.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--checkpoint",
+        type=Path,
+        required=True,
+        help="a checkpoint directory (RUN/checkpoints/step-N) or a run directory (its latest checkpoint, or "
+        "its best one when trained with --select-best)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="export directory to write (replaced atomically)")
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="the preprocessed data directory of the run (vocabularies, hash moduli); default: the one named "
+        "in the run's metrics.json",
+    )
+    p.add_argument(
+        "--core-dtype",
+        choices=CORE_DTYPES,
+        default="fp32",
+        help="storage of the TT cores: fp32, fp16, or int8 (one float32 scale per core row)",
+    )
+    p.add_argument(
+        "--evaluate",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="score the validation and test splits with the fp32 and the stored model and record the AUCs "
+        "(default: on when --core-dtype is not fp32)",
+    )
+    p.add_argument(
+        "--max-auc-drop",
+        type=float,
+        default=0.001,
+        help="with evaluation: refuse to export when the stored cores lower the AUC by more than this",
+    )
+    p.add_argument("--version", default=None, help="version string of the export (default: step<N>-<content hash>)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    from pipelines.train import setup_logging
+
+    setup_logging()
+    return export_checkpoint(
+        args.checkpoint,
+        args.out,
+        data_dir=args.data,
+        core_dtype=args.core_dtype,
+        evaluate=args.evaluate,
+        max_auc_drop=args.max_auc_drop,
+        version=args.version,
+    )
+
+
+if __name__ == "__main__":
+    main()

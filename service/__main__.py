@@ -1,0 +1,73 @@
+"""``python -m service --model DIR --host H --port P``: serve an export over HTTP with uvicorn.
+
+Example::
+
+    python -m service --model exports/dlrm --port 8000
+    RECSYS_MODEL=exports/dlrm RECSYS_PORT=8000 python -m service     # the same from the environment
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+
+import uvicorn
+
+from pipelines.export_format import ExportFormatError, read_manifest
+from service.app import create_app
+from service.settings import ENV_PREFIX, add_arguments, settings_from
+
+log = logging.getLogger("service")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m service",
+        description="Serve an export written by pipelines.export over HTTP (FastAPI + uvicorn): POST /v1/score, "
+        "/v1/rank, /v1/recommend; GET /v1/model, /healthz, /readyz, /metrics; POST /v1/admin/reload. Every flag "
+        f"can also be given as an environment variable {ENV_PREFIX}<FLAG NAME> (flags win). OpenAPI schema at "
+        "/openapi.json, interactive docs at /docs.",
+    )
+    add_arguments(p)
+    return p
+
+
+def setup_logging(level: str) -> None:
+    """One readable format for ours and uvicorn's lines; torch's and torchrec's chatter silenced."""
+    logging.basicConfig(
+        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
+    )
+    for ours in ("service", "pipelines", "recsys", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(ours).setLevel(level.upper())
+    for noisy in ("torchrec", "torch", "fbgemm_gpu"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    for category in (UserWarning, FutureWarning, DeprecationWarning):
+        warnings.filterwarnings("ignore", category=category)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = settings_from(args)
+    except ValueError as exc:
+        build_parser().error(str(exc))
+    setup_logging(settings.log_level)
+    try:
+        read_manifest(settings.model)  # a clear one-line error instead of a failed startup's traceback
+    except (ExportFormatError, OSError) as exc:
+        build_parser().error(f"--model {settings.model}: {exc}")
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_config=None,  # keep the format set above
+        access_log=settings.access_log,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=10,
+    )
+
+
+if __name__ == "__main__":
+    main()

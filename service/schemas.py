@@ -1,0 +1,122 @@
+"""Request and response bodies of the service (pydantic v2); the OpenAPI schema is generated from them.
+
+A row is a raw Criteo row without its label: 13 integer counts and 26 categorical hashes,
+exactly what a line of the training logs holds, preprocessed by the service as in training.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+
+from pipelines.criteo import DENSE_COLUMNS, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
+from pipelines.export_format import HEX_PATTERN, MAX_DENSE_ABS
+
+MAX_ROWS = 4096
+MAX_CANDIDATES = 4096
+MAX_ID_LENGTH = 256
+
+DenseValue = Annotated[
+    int,
+    Field(strict=True, ge=-MAX_DENSE_ABS, le=MAX_DENSE_ABS, description="an integer count (negative counts as 0)"),
+]
+HexValue = Annotated[
+    str, StringConstraints(strict=True, pattern=HEX_PATTERN), Field(description="a categorical hash: 1-8 hex digits")
+]
+DenseName = Literal[DENSE_COLUMNS]  # type: ignore[valid-type]
+SparseName = Literal[SPARSE_COLUMNS]  # type: ignore[valid-type]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Row(_Strict):
+    """One raw Criteo row (no label). ``null`` is a missing value, as an empty field in the logs."""
+
+    dense: list[DenseValue | None] = Field(
+        min_length=NUM_DENSE, max_length=NUM_DENSE, description="I1..I13: 13 integer counts or null"
+    )
+    sparse: list[HexValue | None] = Field(
+        min_length=NUM_SPARSE, max_length=NUM_SPARSE, description="C1..C26: 26 hex strings (1-8 digits) or null"
+    )
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"dense": [1, 5, None, 0, 1382, 4, 15, 2, 181, 1, 2, None, 2],
+                                         "sparse": ["68fd1e64", "80e26c9b", "fb936136", "7b4723c4", "25c83c98",
+                                                    "7e0ccccf", "de7995b8", "1f89b562", "a73ee510", "a8cd5504",
+                                                    "b2cb9c98", "37c9c164", "2824a5f6", "1adce6ef", "8ba8b39a",
+                                                    "891b62e7", "e5ba7672", "f54016b9", "21ddcdc9", "b1252a9d",
+                                                    "07b5194c", None, "3a171ecb", "c5c50484", "e8b83407",
+                                                    "9727dd16"]}]},
+    )  # fmt: skip
+
+
+class ScoreRequest(_Strict):
+    rows: list[Row] = Field(min_length=1, max_length=MAX_ROWS, description=f"1 to {MAX_ROWS} rows to score")
+
+
+class ScoreResponse(BaseModel):
+    scores: list[float] = Field(description="click probability of each row, in request order")
+    model: str = Field(description="version of the model that scored them")
+
+
+class Candidate(_Strict):
+    """An item to rank: its id and the columns where it differs from the context row."""
+
+    id: str = Field(min_length=1, max_length=MAX_ID_LENGTH, description="the caller's id of the item")
+    sparse: dict[SparseName, HexValue | None] = Field(
+        default_factory=dict, description="categorical columns of the item (C1..C26) replacing the context's"
+    )
+    dense: dict[DenseName, DenseValue | None] = Field(
+        default_factory=dict, description="integer columns of the item (I1..I13) replacing the context's"
+    )
+
+
+class RankRequest(_Strict):
+    context: Row = Field(description="the user / context row; each candidate overrides some of its columns")
+    candidates: list[Candidate] = Field(min_length=1, max_length=MAX_CANDIDATES)
+    top_k: int | None = Field(
+        default=None, ge=1, le=MAX_CANDIDATES, description="return only the best k (default: all, sorted)"
+    )
+
+
+class RankedItem(BaseModel):
+    id: str
+    score: float = Field(description="click probability")
+    index: int = Field(description="position of the candidate in the request")
+
+
+class RankResponse(BaseModel):
+    items: list[RankedItem] = Field(description="candidates by decreasing score (ties: request order)")
+    model: str
+
+
+class RecommendRequest(_Strict):
+    context: Row
+    top_k: int = Field(default=10, ge=1, le=1000, description="items to return")
+
+
+class RecommendResponse(BaseModel):
+    items: list[RankedItem]
+    model: str
+
+
+class ErrorResponse(BaseModel):
+    """Every 4xx/5xx answer: a sentence that names the field and the problem, plus details when there are several."""
+
+    message: str
+    detail: list[dict] | None = None
+
+
+class ReloadResponse(BaseModel):
+    reloaded: bool = Field(description="whether a different export was loaded")
+    model: str = Field(description="the version served now")
+    previous: str | None = Field(default=None, description="the version served before")
+
+
+class HealthResponse(BaseModel):
+    status: str
+    model: str | None = None

@@ -1,0 +1,169 @@
+"""Fixtures of the service tests: two tiny trained runs (dense and TT with an LFU cache), their exports,
+a live ``python -m service`` on loopback, and fresh random raw Criteo rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipelines.export import export_checkpoint
+from pipelines.generate import generate_tsv
+from pipelines.preprocess import PreprocessConfig, Preprocessor
+from pipelines.train import TrainConfig, Trainer
+
+REPO = Path(__file__).resolve().parents[2]
+COMMON = dict(batch_size=256, eval_batch_size=2048, checkpoint_every=0, shuffle_buffer=4096, log_every=5, seed=0)
+
+
+@pytest.fixture(scope="session")
+def raw_log(tmp_path_factory, small_config) -> Path:
+    path = tmp_path_factory.mktemp("service_raw") / "raw.tsv"
+    generate_tsv(path, rows=8_000, seed=5, config=small_config)
+    return path
+
+
+@pytest.fixture(scope="session")
+def freq_data(raw_log, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("service_data") / "freq"
+    Preprocessor([raw_log], out, PreprocessConfig(vocab="freq", max_index=(None,) * 26), progress=False).run()
+    return out
+
+
+@pytest.fixture(scope="session")
+def hash_data(raw_log, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("service_data") / "hash"
+    config = PreprocessConfig(vocab="hash", max_index=(5000,) * 13 + (1000,) * 13)
+    Preprocessor([raw_log], out, config, progress=False).run()
+    return out
+
+
+@pytest.fixture(scope="session")
+def dense_run(freq_data, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "dense"
+    Trainer(TrainConfig(max_steps=25, **COMMON), freq_data, out, progress=False).run()
+    return out
+
+
+@pytest.fixture(scope="session")
+def tt_run(hash_data, tmp_path_factory) -> Path:
+    """C1-C13 (5000 rows) TT with an LFU cache, C14-C26 (1000 rows) dense: both kinds in one model."""
+    out = tmp_path_factory.mktemp("runs") / "tt"
+    config = TrainConfig(
+        max_steps=12,
+        embeddings="tt",
+        tt_threshold=4000,
+        tt_ranks=(8,),
+        tt_cache_size=64,
+        tt_cache_refresh=4,
+        **COMMON,
+    )
+    Trainer(config, hash_data, out, progress=False).run()
+    return out
+
+
+@pytest.fixture(scope="session")
+def dense_export(dense_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "dense"
+    export_checkpoint(dense_run, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tt_export(tt_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "tt"
+    export_checkpoint(tt_run, out)
+    return out
+
+
+def random_rows(rng: np.random.Generator, n: int, hot: int = 0) -> tuple[list, list]:
+    """Raw rows: ints with holes and negatives, hex strings of 1-8 digits (upper and lower case) with holes.
+
+    ``hot`` > 0 draws categories from a small set, so many hit trained rows of a freq vocabulary.
+    """
+    dense = [[None if rng.random() < 0.15 else int(rng.integers(-5, 10_000)) for _ in range(13)] for _ in range(n)]
+    sparse = []
+    for _ in range(n):
+        row = []
+        for _ in range(26):
+            if rng.random() < 0.1:
+                row.append(None)
+                continue
+            value = int(rng.integers(0, hot)) if hot else int(rng.integers(0, 2**32))
+            text = f"{value:x}"
+            row.append(text.upper() if rng.random() < 0.3 else text)
+        sparse.append(row)
+    return dense, sparse
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """``python -m service`` in a subprocess on loopback."""
+
+    def __init__(self, model: Path, *extra: str, env: dict | None = None) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = model.parent / f"service-{self.port}.log"
+        cmd = [sys.executable, "-m", "service", "--model", str(model), "--port", str(self.port), *extra]
+        self.proc = subprocess.Popen(
+            cmd,
+            cwd=REPO,
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
+        )
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log.read_text()}")
+            try:
+                if self.get("/readyz")[0] == 200:
+                    return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"service not ready in 60 s:\n{self.log.read_text()}")
+
+    def request(self, method: str, path: str, body=None, raw: bytes | None = None) -> tuple[int, dict | str]:
+        data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+        req = urllib.request.Request(
+            self.url + path, data=data, method=method, headers={"content-type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=30) as r:
+                status, text = r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            status, text = e.code, e.read().decode()
+        try:
+            return status, json.loads(text)
+        except json.JSONDecodeError:
+            return status, text
+
+    def get(self, path: str):
+        return self.request("GET", path)
+
+    def post(self, path: str, body=None, raw: bytes | None = None):
+        return self.request("POST", path, body, raw)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()

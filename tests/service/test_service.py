@@ -1,0 +1,264 @@
+"""The service against references: HTTP scores == the offline model's, through a real uvicorn process."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+from prometheus_client.parser import text_string_to_metric_families
+
+from pipelines.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
+from pipelines.export import export_checkpoint
+from pipelines.export_format import MODEL_FILE, load_exported
+from service.app import create_app
+from service.settings import Settings, settings_from
+
+from .conftest import REPO, LiveServer, random_rows
+
+
+@pytest.fixture(scope="module")
+def live(tt_export):
+    server = LiveServer(tt_export, "--max-wait-ms", "2", "--max-body-bytes", "200000")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def offline(tt_export):
+    return load_exported(tt_export)
+
+
+def _body(dense, sparse) -> dict:
+    return {"rows": [{"dense": d, "sparse": s} for d, s in zip(dense, sparse, strict=True)]}
+
+
+@pytest.mark.parametrize("hot", [0, 5000])
+def test_http_scores_equal_the_offline_model(live, offline, hot):
+    rng = np.random.default_rng()
+    dense, sparse = random_rows(rng, 64, hot=hot)
+    status, body = live.post("/v1/score", _body(dense, sparse))
+    assert status == 200, body
+    expected = offline.score_rows(dense, sparse)
+    np.testing.assert_allclose(body["scores"], expected, rtol=0, atol=1e-6)
+    assert body["model"] == offline.version
+    assert np.std(expected) > 0  # the rows differ in score: the comparison is not of constants
+
+
+def test_rank_sorts_the_candidates_by_offline_score(live, offline):
+    rng = np.random.default_rng()
+    (context_dense,), (context_sparse,) = random_rows(rng, 1, hot=5000)
+    candidates, dense, sparse = [], [], []
+    for i in range(100):
+        overrides = {name: f"{int(rng.integers(0, 5000)):x}" for name in ("C1", "C3", "C7", "C20")}
+        overrides["C9"] = None
+        candidates.append({"id": f"item-{i}", "sparse": overrides, "dense": {"I2": int(rng.integers(0, 50))}})
+        d, s = list(context_dense), list(context_sparse)
+        for name, v in overrides.items():
+            s[SPARSE_COLUMNS.index(name)] = v
+        d[DENSE_COLUMNS.index("I2")] = candidates[-1]["dense"]["I2"]
+        dense.append(d)
+        sparse.append(s)
+    expected = offline.score_rows(dense, sparse)
+    context = {"dense": context_dense, "sparse": context_sparse}
+    status, body = live.post("/v1/rank", {"context": context, "candidates": candidates, "top_k": 10})
+    assert status == 200, body
+    order = np.argsort(-expected, kind="stable")[:10]
+    assert [item["index"] for item in body["items"]] == order.tolist()
+    assert [item["id"] for item in body["items"]] == [f"item-{i}" for i in order]
+    np.testing.assert_allclose([item["score"] for item in body["items"]], expected[order], rtol=0, atol=1e-6)
+
+
+def test_concurrent_requests_are_batched_and_each_gets_its_own_scores(live, offline):
+    rng = np.random.default_rng()
+    requests = [random_rows(rng, int(rng.integers(1, 20)), hot=5000) for _ in range(48)]
+
+    def metric(name: str) -> float:
+        text = live.get("/metrics")[1]
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        return sum(s.value for s in families[name].samples if s.name.endswith("_count"))
+
+    passes_before = metric("recsys_batch_rows")
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(pool.map(lambda r: live.post("/v1/score", _body(*r)), requests))
+    for (dense, sparse), (status, body) in zip(requests, answers, strict=True):
+        assert status == 200, body
+        np.testing.assert_allclose(body["scores"], offline.score_rows(dense, sparse), rtol=0, atol=1e-6)
+    passes = metric("recsys_batch_rows") - passes_before
+    assert passes < len(requests), f"{passes} forward passes for {len(requests)} concurrent requests: no batching"
+
+
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"rows": [{"dense": [1] * 12, "sparse": ["a"] * 26}]}, "rows[0].dense"),
+        ({"rows": [{"dense": [1] * 13, "sparse": ["a"] * 25 + ["xyz"]}]}, "rows[0].sparse[25]"),
+        ({"rows": [{"dense": [1] * 13, "sparse": ["a"] * 25 + ["123456789"]}]}, "rows[0].sparse[25]"),
+        ({"rows": [{"dense": [True] + [1] * 12, "sparse": ["a"] * 26}]}, "rows[0].dense[0]"),
+        ({"rows": [{"dense": [1.5] + [1] * 12, "sparse": ["a"] * 26}]}, "rows[0].dense[0]"),
+        ({"rows": [{"dense": [10**19] + [1] * 12, "sparse": ["a"] * 26}]}, "rows[0].dense[0]"),
+        ({"rows": [{"dense": [1] * 13, "sparse": ["a"] * 26, "label": 1}]}, "rows[0].label"),
+        ({"rows": []}, "rows"),
+        ({}, "rows"),
+    ],
+)
+def test_bad_score_input_is_a_422_naming_the_field(live, body, field):
+    status, answer = live.post("/v1/score", body)
+    assert status == 422, answer
+    assert answer["message"].startswith(field + ":"), answer["message"]
+
+
+def test_bad_rank_input_names_the_field(live):
+    context = {"dense": [1] * 13, "sparse": ["a"] * 26}
+    status, answer = live.post("/v1/rank", {"context": context, "candidates": [{"id": "x", "sparse": {"C99": "1"}}]})
+    assert status == 422 and "candidates[0].sparse.C99" in answer["message"], answer
+    status, answer = live.post("/v1/rank", {"context": context, "candidates": [{"id": "x"}], "top_k": 0})
+    assert status == 422 and answer["message"].startswith("top_k:"), answer
+    status, answer = live.post("/v1/score", raw=b'{"rows": [')
+    assert status == 422 and "not valid JSON" in answer["message"], answer
+
+
+def test_limits_recommend_and_operations(live, offline):
+    status, answer = live.post("/v1/score", raw=b" " * 300_000)
+    assert status == 413 and "limit" in answer["message"]
+    status, answer = live.post("/v1/recommend", {"context": {"dense": [1] * 13, "sparse": ["a"] * 26}})
+    assert status == 501 and "LSH output layer" in answer["message"]
+    assert live.get("/healthz") == (200, {"status": "ok", "model": offline.version})
+    assert live.get("/readyz")[0] == 200
+    status, summary = live.get("/v1/model")
+    assert status == 200 and summary["version"] == offline.version and "sha256" not in json.dumps(summary)
+    assert summary["tables"]["C1"]["kind"] == "tt" and summary["compression"]["ratio"] > 1
+    status, missing = live.get("/v1/nothing")
+    assert status == 404 and missing["message"]
+    text = live.get("/metrics")[1]
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert {"recsys_requests", "recsys_request_seconds", "recsys_batch_rows", "recsys_model_info"} <= names
+
+
+def test_hot_reload_without_failing_in_flight_requests(tt_run, dense_run, tmp_path):
+    """Requests run while the export is replaced (another model) and reloaded: all 200, each from one model."""
+    target = tmp_path / "served"
+    export_checkpoint(tt_run, target, version="old")
+    old = load_exported(target)
+    server = LiveServer(target)
+    try:
+        rng = np.random.default_rng()
+        dense, sparse = random_rows(rng, 32, hot=1000)
+        errors, seen = [], set()
+        stop = threading.Event()
+
+        def hammer():
+            while not stop.is_set():
+                status, body = server.post("/v1/score", _body(dense, sparse))
+                if status != 200:
+                    errors.append((status, body))
+                else:
+                    seen.add((body["model"], tuple(np.round(body["scores"], 6))))
+
+        threads = [threading.Thread(target=hammer) for _ in range(4)]
+        for t in threads:
+            t.start()
+        staged = tmp_path / "staged"  # the dense run has other vocabularies: a different model
+        export_checkpoint(dense_run, staged, version="new")
+        new = load_exported(staged)
+        shutil.rmtree(staged)
+        export_checkpoint(dense_run, target, version="new")
+        status, body = server.post("/v1/admin/reload")
+        stop.set()
+        for t in threads:
+            t.join()
+        assert status == 200 and body == {"reloaded": True, "model": "new", "previous": "old"}, body
+        assert not errors, errors[:3]
+        expected = {
+            "old": tuple(np.round(old.score_rows(dense, sparse), 6)),
+            "new": tuple(np.round(new.score_rows(dense, sparse), 6)),
+        }
+        assert {version for version, _ in seen} <= {"old", "new"}
+        for version, scores in seen:
+            np.testing.assert_allclose(scores, expected[version], atol=2e-6)
+        assert server.post("/v1/score", _body(dense, sparse))[1]["model"] == "new"
+
+        # a damaged export is refused and the service keeps serving the model it has
+        data = bytearray((target / MODEL_FILE).read_bytes())
+        data[len(data) // 2] ^= 0xFF
+        (target / MODEL_FILE).write_bytes(bytes(data))
+        status, body = server.post("/v1/admin/reload")
+        assert status == 200 and body["reloaded"] is False  # same manifest digest: nothing to do
+        manifest = (target / "manifest.json").read_text().replace('"new"', '"newer"', 1)
+        (target / "manifest.json").write_text(manifest)  # a consistent new manifest over the damaged tensors
+        (target / "manifest.sha256").write_text(hashlib.sha256(manifest.encode()).hexdigest() + "\n")
+        status, body = server.post("/v1/admin/reload")
+        assert status == 409 and "still serving new" in body["message"], body
+        assert server.post("/v1/score", _body(dense, sparse))[1]["model"] == "new"
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert "now serving new (was old)" in log and "Traceback" not in log
+
+
+def test_in_process_app_and_settings(dense_export, monkeypatch):
+    monkeypatch.setenv("RECSYS_PORT", "9001")
+    monkeypatch.setenv("RECSYS_MAX_WAIT_MS", "3")
+    settings = settings_from(None)
+    assert settings.port == 9001 and settings.max_wait_ms == 3.0
+    monkeypatch.setenv("RECSYS_PORT", "nope")
+    with pytest.raises(ValueError, match="RECSYS_PORT"):
+        settings_from(None)
+    with TestClient(create_app(Settings(model=dense_export))) as client:
+        dense, sparse = random_rows(np.random.default_rng(), 5, hot=100)
+        answer = client.post("/v1/score", json=_body(dense, sparse)).json()
+        np.testing.assert_allclose(answer["scores"], load_exported(dense_export).score_rows(dense, sparse), atol=1e-6)
+        schema = client.get("/openapi.json").json()
+        assert {"/v1/score", "/v1/rank", "/v1/recommend", "/v1/model", "/healthz", "/readyz", "/metrics"} <= set(
+            schema["paths"]
+        )
+
+
+def test_service_help_names_every_flag():
+    text = subprocess.run(
+        [sys.executable, "-m", "service", "--help"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout
+    for flag in ("--model", "--host", "--port", "--max-batch-rows", "--max-wait-ms", "--max-queue", "--max-body-bytes",
+                 "--reload-interval-s", "--torch-threads", "--access-log", "--log-level", "RECSYS_MODEL"):  # fmt: skip
+        assert flag in text, flag
+
+
+def test_service_refuses_a_missing_model_with_one_line(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--model", str(tmp_path / "none")], cwd=REPO, capture_output=True, text=True
+    )
+    assert result.returncode == 2 and "not a complete export" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_compose_file_references_what_exists():
+    import yaml
+
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"trainer", "service"} <= set(services)
+    for service in services.values():
+        build = service.get("build")
+        if build:
+            context = REPO / (build if isinstance(build, str) else build.get("context", "."))
+            dockerfile = context / (build.get("dockerfile", "Dockerfile") if isinstance(build, dict) else "Dockerfile")
+            assert dockerfile.is_file(), dockerfile
+    volumes = [{v.split(":")[0] for v in s.get("volumes", [])} for s in services.values()]
+    assert set.intersection(*volumes), "the trainer and the service share no volume"
+    assert set(compose.get("volumes", {})) & set.intersection(*volumes)
+    assert services["service"]["depends_on"]["trainer"]["condition"] == "service_completed_successfully"
+    dockerfile = (REPO / "Dockerfile").read_text()
+    for line in dockerfile.splitlines():
+        if line.startswith("COPY ") and "--from" not in line:
+            for source in line.split()[1:-1]:
+                assert (REPO / source).exists(), f"Dockerfile copies {source}, which does not exist"
+    commands = json.dumps(services)
+    for module in ("pipelines.export", "service", "pipelines.train", "pipelines.preprocess"):
+        assert (REPO / (module.replace(".", "/") + ".py")).exists() or (REPO / module / "__main__.py").exists()
+        assert module in commands
