@@ -149,6 +149,25 @@ def _resolve_shapes(
     return p, q, ranks, embedding_dim
 
 
+# TTEmbeddingBag's keyword defaults, for TableBatchedTTEmbeddingBag's **options
+_DEFAULT_OPTIONS = dict(
+    optimizer=OptimType.SGD,
+    learning_rate=0.1,
+    eps=1.0e-10,
+    sparse=True,
+    use_cache=False,
+    cache_size=0,
+    cache_writeback_iters=50,
+    cache_writeback_anchors=4,
+    weight_dist="approx-normal",
+    mode="sum",
+    include_last_offset=False,
+    init_std=None,
+    device=None,
+    dtype=torch.float32,
+)
+
+
 class TTEmbeddingBag(nn.Module):
     """Embedding bags over a TT-compressed ``num_embeddings x embedding_dim`` table.
 
@@ -615,23 +634,12 @@ class TableBatchedTTEmbeddingBag(TTEmbeddingBag):
         tt_ranks: Sequence[int] | int,
         tt_p_shapes: Sequence[int] | Sequence[Sequence[int]] | None = None,
         tt_q_shapes: Sequence[int] | None = None,
-        optimizer: OptimType = OptimType.SGD,
-        learning_rate: float = 0.1,
-        eps: float = 1.0e-10,
-        sparse: bool = True,
-        use_cache: bool = False,
-        cache_size: int = 0,
-        cache_writeback_iters: int = 50,
-        cache_writeback_anchors: int = 4,
-        weight_dist: str = "approx-normal",
-        enforce_embedding_dim: bool = False,
-        mode: str = "sum",
-        include_last_offset: bool = False,
         num_cores: int = 3,
-        init_std: float | None = None,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype = torch.float32,
+        enforce_embedding_dim: bool = False,
+        **options,
     ) -> None:
+        """``options``: the keyword arguments of ``TTEmbeddingBag`` (optimizer, learning_rate, eps,
+        sparse, use_cache, cache_size, weight_dist, mode, include_last_offset, init_std, device, ...)."""
         nn.Module.__init__(self)
         if num_tables < 1:
             raise ValueError(f"num_tables must be >= 1, got {num_tables}")
@@ -654,26 +662,7 @@ class TableBatchedTTEmbeddingBag(TTEmbeddingBag):
         self.num_tables, self.table_num_embeddings = num_tables, tuple(sizes)
         self.num_embeddings = sizes[0] if len(set(sizes)) == 1 else tuple(sizes)
         self.tt_p_shapes = tuple(r[0] for r in resolved)
-        self._setup(
-            TTLayout(tuple(sizes), self.tt_p_shapes),
-            dim,
-            q,
-            ranks,
-            optimizer=optimizer,
-            learning_rate=learning_rate,
-            eps=eps,
-            sparse=sparse,
-            use_cache=use_cache,
-            cache_size=cache_size,
-            cache_writeback_iters=cache_writeback_iters,
-            cache_writeback_anchors=cache_writeback_anchors,
-            weight_dist=weight_dist,
-            mode=mode,
-            include_last_offset=include_last_offset,
-            init_std=init_std,
-            device=device,
-            dtype=dtype,
-        )
+        self._setup(TTLayout(tuple(sizes), self.tt_p_shapes), dim, q, ranks, **{**_DEFAULT_OPTIONS, **options})
 
     def forward(
         self, indices: torch.Tensor, offsets: torch.Tensor, per_sample_weights: torch.Tensor | None = None
