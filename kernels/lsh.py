@@ -75,11 +75,26 @@ def dwta_codes(x: torch.Tensor, coordinates: torch.Tensor, num_tables: int, num_
 
 
 def soft_simhash(x: torch.Tensor, projection: torch.Tensor, sharpness: float) -> torch.Tensor:
-    """Differentiable SimHash bits: ``tanh(sharpness * cos(x, column))`` in ``(-1, 1)``, ``(N, L*K)``.
+    """Differentiable SimHash bits in ``(-1, 1)``, ``(N, L*K)``; ``sign`` of each equals the hard SimHash bit.
 
-    ``sign`` of it equals the hard SimHash bit; used to train the projection (MONGOOSE).
+    ``z = x @ projection``, each column divided by its root-mean-square over the ``N`` rows, then
+    ``tanh(sharpness * z)``. Why the per-column scale: real hidden vectors often share one dominant
+    direction (Delicious: cosine 0.99 with their mean), so ``cos(x, column)`` is tiny for the columns
+    that separate them and ``tanh(c * cos)`` gives those columns no gradient; the scale changes no sign.
     """
-    return torch.tanh(sharpness * F.normalize(x, dim=-1) @ F.normalize(projection, dim=0))
+    z = x @ projection  # (N, L*K)
+    z = z / z.pow(2).mean(0, keepdim=True).sqrt().clamp(min=1e-12)
+    return torch.tanh(sharpness * z)
+
+
+def soft_collision(a: torch.Tensor, b: torch.Tensor, num_tables: int) -> torch.Tensor:
+    """``(N, L)`` soft probability that two rows of soft bits share a bucket: ``prod_k (1 + a_k b_k) / 2`` per table.
+
+    1 when all ``K`` bits agree (same bucket), 0 when one bit disagrees fully: what a table lookup
+    rewards. (The mean agreement of the bits does not: it is high when most bits agree and the
+    bucket still differs.)
+    """
+    return ((1 + a * b) / 2).view(a.shape[0], num_tables, -1).prod(-1)
 
 
 def triplet_hash_loss(
@@ -93,15 +108,52 @@ def triplet_hash_loss(
 ) -> torch.Tensor:
     """MONGOOSE's triplet loss on soft hash codes: anchor and positive share buckets, negative does not.
 
-    Per table the agreement of two vectors is the mean product of their soft bits (1 = same
-    bucket); the loss is ``relu(margin - agree(a, p) + agree(a, n))`` averaged over tables and rows.
-    ``anchor``, ``positive``, ``negative``: ``(N, D)``.
+    ``relu(margin - collide(a, p) + collide(a, n))`` per table (``soft_collision``), averaged over
+    tables and rows. ``anchor``, ``positive``, ``negative``: ``(N, D)``.
     """
     a, p, n = (soft_simhash(v, projection, sharpness) for v in (anchor, positive, negative))  # (N, L*K)
-    rows = a.shape[0]
-    agree_pos = (a * p).view(rows, num_tables, -1).mean(-1)  # (N, L)
-    agree_neg = (a * n).view(rows, num_tables, -1).mean(-1)  # (N, L)
-    return F.relu(margin - agree_pos + agree_neg).mean()
+    return F.relu(margin - soft_collision(a, p, num_tables) + soft_collision(a, n, num_tables)).mean()
+
+
+def hash_balance_penalty(bits: torch.Tensor) -> torch.Tensor:
+    """Mean over bits of (mean over rows of the soft bit)^2: 0 when every bit splits the rows in half.
+
+    Why: without it the triplet loss is free to send every query (or every class) to one bucket,
+    where the tables retrieve the same classes for all queries and buckets grow to ``C``.
+    """
+    return bits.mean(0).pow(2).mean()
+
+
+def decorrelation_penalty(projection: torch.Tensor, num_tables: int) -> torch.Tensor:
+    """Mean squared off-identity Gram entry of each table's unit columns: bits of a table stay independent."""
+    d, hashes = projection.shape
+    unit = F.normalize(projection, dim=0).view(d, num_tables, hashes // num_tables).permute(1, 2, 0)  # (L, K, D)
+    eye = torch.eye(unit.shape[1], dtype=unit.dtype, device=unit.device)
+    return (unit @ unit.transpose(1, 2) - eye).pow(2).mean()
+
+
+def learned_hash_loss(
+    anchor: torch.Tensor,
+    positive: torch.Tensor,
+    negative: torch.Tensor,
+    classes: torch.Tensor,
+    projection: torch.Tensor,
+    num_tables: int,
+    margin: float,
+    sharpness: float,
+    query_balance: float,
+    class_balance: float,
+    decorrelation: float,
+) -> torch.Tensor:
+    """The objective of a learned SimHash projection: triplet loss + bucket balance + bit decorrelation.
+
+    ``anchor`` ``(N, D)`` hidden vectors, ``positive`` / ``negative`` ``(N, D)`` class weights,
+    ``classes`` ``(M, D)`` class weights drawn uniformly (for the balance of class buckets).
+    """
+    triplet = triplet_hash_loss(anchor, positive, negative, projection, num_tables, margin, sharpness)
+    balance = query_balance * hash_balance_penalty(soft_simhash(anchor, projection, sharpness))
+    balance = balance + class_balance * hash_balance_penalty(soft_simhash(classes, projection, sharpness))
+    return triplet + balance + decorrelation * decorrelation_penalty(projection, num_tables)
 
 
 def simhash_collision_probability(cosine: torch.Tensor, num_bits: int, num_tables: int = 1) -> torch.Tensor:

@@ -57,6 +57,9 @@ class OutputLayerConfig:
     lsh_hash: Literal["simhash", "dwta"] = field(default="simhash", metadata=_help("hash family"))
     sample_size: int = field(default=2048, metadata=_help("classes scored per step (labels + LSH + uniform)"))
     max_per_bucket: int = field(default=0, metadata=_help("read at most this many classes per bucket (0 = all)"))
+    per_query_quota: bool = field(
+        default=False, metadata=_help("each query keeps its best sample_size/batch candidates (else batch-wide counts)")
+    )
     learned_hash: bool = field(default=True, metadata=_help("MONGOOSE: train the projection (triplet loss)"))
     logq: bool = field(default=False, metadata=_help("log-Q correction of the sampled logits"))
     schedule: Literal["mongoose", "fixed", "every_step"] = field(
@@ -86,6 +89,7 @@ class OutputLayerConfig:
             hash=self.lsh_hash,
             sample_size=self.sample_size,
             max_per_bucket=self.max_per_bucket,
+            per_query_quota=self.per_query_quota,
             learned=self.learned_hash and self.lsh_hash == "simhash",
             logq=self.logq,
             schedule=self.schedule,

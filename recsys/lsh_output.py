@@ -12,7 +12,7 @@ label per row) or binary cross-entropy (label lists) over those ``S`` columns on
 reaches only their ``S`` weight rows (sparse with ``sparse=True``). In ``eval()`` mode ``forward``
 returns the exact full loss. ``topk`` answers from the tables, ``exact_topk`` scores every class.
 
-State (projection, codes, CSR tables, dirty rows, scheduler counters, pair buffer) is made of
+State (projection, codes, CSR tables, row fingerprints, scheduler counters, pair buffer) is made of
 buffers, so ``state_dict()``, DCP checkpoints and exports carry it.
 
 Example::
@@ -41,16 +41,18 @@ from kernels.lsh import (
     build_buckets,
     dedupe_pairs,
     dwta_codes,
+    learned_hash_loss,
     per_query_candidates,
     query_buckets,
     scatter_topk,
     select_sample,
     simhash_codes,
     simhash_collision_probability,
-    triplet_hash_loss,
     update_buckets,
 )
 from recsys.lsh_scheduler import SCHEDULES, RebuildScheduler, Schedule
+
+_PROJECTION_STREAM, _PROBE_STREAM = 1, 2
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,19 @@ Labels = torch.Tensor | Sequence[Sequence[int]] | tuple[torch.Tensor, torch.Tens
 """One class id per row ``(B,)``; or label lists: a list of lists, or CSR ``(values, offsets (B+1,))``."""
 
 _HASH_CHUNK = 65_536
+
+
+def _stream_seed(seed: int, stream: int, step: int = 0) -> int:
+    """A seed for one named random stream of the layer: a function of the config seed (and step) only."""
+    return (seed * 1_000_003 + stream * 7_919 + step * 104_729) % (2**63 - 1)
+
+
+def _average_over_replicas(tensor: torch.Tensor) -> None:
+    """In place: the mean of ``tensor`` over the ``torch.distributed`` world (nothing without one)."""
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor)
+        tensor /= dist.get_world_size()
 
 
 @dataclass(frozen=True)
@@ -73,16 +88,21 @@ class LSHConfig:
     per_query_quota: bool = False  # each query keeps its best S/B candidates, instead of batch-wide counts
     logq: bool = False  # subtract log(inclusion probability) from the sampled logits
     learned: bool = False  # MONGOOSE: train the projection with a triplet loss
-    hash_lr: float = 1e-3  # Adam learning rate of the projection
-    hash_margin: float = 0.25  # triplet margin on per-table soft agreement in [-1, 1]
-    hash_sharpness: float = 8.0  # tanh(sharpness * cosine) soft bits
+    hash_lr: float = 0.01  # Adam learning rate of the projection (its columns are kept at unit norm)
+    hash_margin: float = 0.5  # triplet margin on the per-table soft collision probability in [0, 1]
+    hash_sharpness: float = 2.0  # tanh(sharpness * z / rms(z)) soft bits
+    hash_query_balance: float = 0.03  # weight of the penalty on unbalanced query bits
+    hash_class_balance: float = 1.0  # weight of the penalty on unbalanced class bits (bucket sizes)
+    hash_decorrelation: float = 1.0  # weight of the penalty on correlated bits of a table
     hash_steps: int = 50  # triplet steps each time the projection is trained
     hash_batch: int = 256  # pairs per triplet step
     hash_every: int = 200  # train the projection at most every this many steps (at a rebuild)
+    hash_min_change: float = 0.02  # adopt the trained projection (full rehash) once it moves this many class codes
     pair_buffer: int = 8192  # (hidden, positive, negative) triplets kept from training
     pairs_per_step: int = 64  # triplets collected per training step
     schedule: Schedule = "mongoose"
-    drift_threshold: float = 0.05  # MONGOOSE: rebuild when this fraction of sampled codes is stale
+    drift_threshold: float = 0.05  # MONGOOSE: rebuild when this fraction of moved classes' codes is stale
+    drift_probe: int = 4096  # classes (drawn from the seed and the step) whose codes the drift check rehashes
     rebuild_period: int = 50  # fixed schedule (SLIDE): steps between rebuilds
     rebuild_mode: Literal["changed", "full"] = "changed"  # rehash only rows trained since, or all
     sparse: bool = True  # sparse gradient for the weight (torch.optim.Adagrad / SGD / SparseAdam)
@@ -106,10 +126,12 @@ class LSHConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.rebuild_mode not in ("changed", "full"):
             raise ValueError(f"rebuild_mode must be 'changed' or 'full', got {self.rebuild_mode!r}")
-        for name in ("max_per_bucket", "hash_steps", "pair_buffer", "pairs_per_step", "init_std"):
+        names = ("max_per_bucket", "hash_steps", "pair_buffer", "pairs_per_step", "init_std", "hash_min_change")
+        names += ("hash_query_balance", "hash_class_balance", "hash_decorrelation")
+        for name in names:
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        for name in ("hash_batch", "hash_every", "rebuild_period"):
+        for name in ("hash_batch", "hash_every", "rebuild_period", "drift_probe"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
@@ -176,7 +198,11 @@ class LSHOutputLayer(nn.Module):
         gen = torch.Generator().manual_seed(cfg.seed)
         std = cfg.init_std or 1.0 / math.sqrt(in_features)
         self.weight = nn.Parameter(torch.randn(num_classes, in_features, generator=gen) * std)
+        # projections and fingerprint from their own seeded stream: the same on every process and for any weight
+        gen = torch.Generator().manual_seed(_stream_seed(cfg.seed, _PROJECTION_STREAM))
         hashes = cfg.num_tables * cfg.num_bits
+        multipliers = torch.randint(0, 2**62, (in_features,), generator=gen, dtype=torch.int64) * 2 + 1
+        self.register_buffer("fingerprint_multipliers", multipliers)
         if cfg.hash == "simhash":
             self.register_buffer("projection", torch.randn(in_features, hashes, generator=gen))
         else:
@@ -185,7 +211,7 @@ class LSHOutputLayer(nn.Module):
         self.register_buffer("codes", torch.zeros(num_classes, cfg.num_tables, dtype=torch.int64))
         self.register_buffer("offsets", torch.zeros(cfg.num_tables * self.num_buckets + 1, dtype=torch.int64))
         self.register_buffer("members", torch.zeros(num_classes * cfg.num_tables, dtype=torch.int64))
-        self.register_buffer("dirty", torch.zeros(num_classes, dtype=torch.bool))
+        self.register_buffer("fingerprints", torch.zeros(num_classes, dtype=torch.int64))
         self.register_buffer("last_hash_training", torch.zeros((), dtype=torch.int64))
         self.register_buffer("pair_hidden", torch.zeros(cfg.pair_buffer if cfg.learned else 0, in_features))
         self.register_buffer("pair_classes", torch.zeros(cfg.pair_buffer if cfg.learned else 0, 2, dtype=torch.int64))
@@ -193,7 +219,7 @@ class LSHOutputLayer(nn.Module):
         self.scheduler = RebuildScheduler(cfg.schedule, cfg.drift_threshold, cfg.rebuild_period)
         self._generator: torch.Generator | None = None
         self._hash_optimizer: torch.optim.Optimizer | None = None
-        self._hash_param: torch.Tensor | None = None
+        self._hash_candidate: nn.Parameter | None = None
         self.reset_stats()
         self.rebuild()
 
@@ -213,13 +239,37 @@ class LSHOutputLayer(nn.Module):
             return self.hash(weight[rows])
         return torch.cat([self.hash(weight[i : i + _HASH_CHUNK]) for i in range(0, self.num_classes, _HASH_CHUNK)])
 
+    def _fingerprint(self, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """``(n,)`` or ``(C,)`` int64: a hash of the bits of each weight row (wrapping integer sums, exact).
+
+        A row's fingerprint changes whenever the row changes, and is the same whichever rows are
+        computed together, so "rows trained since the last rebuild" is a function of the weights
+        alone: every replica holding the same weights finds the same rows, whatever its own batches.
+        """
+        weight = self.weight.detach()
+        int_type = {2: torch.int16, 4: torch.int32, 8: torch.int64}[weight.element_size()]
+
+        def fingerprint(w: torch.Tensor) -> torch.Tensor:
+            return (w.contiguous().view(int_type).to(torch.int64) * self.fingerprint_multipliers).sum(-1)
+
+        if rows is not None:
+            return fingerprint(weight[rows])
+        return torch.cat([fingerprint(weight[i : i + _HASH_CHUNK]) for i in range(0, self.num_classes, _HASH_CHUNK)])
+
+    @torch.no_grad()
+    def changed_rows(self) -> torch.Tensor:
+        """``(n,)`` ascending ids of the classes whose weight changed since their codes were computed."""
+        return (self._fingerprint() != self.fingerprints).nonzero().squeeze(1)
+
     @torch.no_grad()
     def rebuild(self, rows: torch.Tensor | None = None) -> None:
         """Rehash all classes and rebuild the tables, or move only ``rows`` (distinct ids) to their new buckets."""
         if rows is None:
             self.codes.copy_(self._hash_rows())
+            self.fingerprints.copy_(self._fingerprint())
             offsets, members = build_buckets(self.codes, self.num_buckets)
         else:
+            self.fingerprints[rows] = self._fingerprint(rows)
             new = self._hash_rows(rows)
             moved = (new != self.codes[rows]).any(-1)
             rows, new = rows[moved], new[moved]
@@ -227,19 +277,51 @@ class LSHOutputLayer(nn.Module):
             self.codes[rows] = new
         self.offsets.copy_(offsets)
         self.members.copy_(members)
-        self.dirty.zero_()
+
+    def _probe(self) -> torch.Tensor:
+        """``(P,)`` class ids to check: all classes, or ``drift_probe`` drawn from the seed and the step count."""
+        cfg = self.config
+        if cfg.drift_probe >= self.num_classes:
+            return torch.arange(self.num_classes)
+        gen = torch.Generator().manual_seed(_stream_seed(cfg.seed, _PROBE_STREAM, int(self.scheduler.steps)))
+        return torch.unique(torch.randint(0, self.num_classes, (cfg.drift_probe,), generator=gen))
+
+    @torch.no_grad()
+    def measure_drift(self) -> float:
+        """Fraction of stale (class, table) codes among the probe classes that moved since their last hashing.
+
+        The probe (``drift_probe`` classes) is drawn from a generator seeded by the config seed and the
+        step count, and the codes are computed from the weights: the value, and so the schedule's
+        decision, depends only on the weights and the step, not on the batch or the process.
+        """
+        probe = self._probe().to(self.weight.device)
+        moved = probe[self._fingerprint(probe) != self.fingerprints[probe]]
+        if moved.numel() == 0:
+            return 0.0
+        return float((self._hash_rows(moved) != self.codes[moved]).double().mean())
 
     def _maybe_rebuild(self) -> None:
+        """Before a step: measure the drift (mongoose), then rebuild if the schedule says so.
+
+        Everything here reads only the weights, the step count and the seed, so replicas with
+        synchronised weights take the same decisions and build the same tables.
+        """
         sched, cfg = self.scheduler, self.config
+        if cfg.schedule == "mongoose" and int(sched.steps) > 0:
+            drift = self.measure_drift()
+            sched.record_drift(drift)
+            self._stats["drift_sum"] += drift
         if not sched.should_rebuild():
             return
         due = int(sched.steps - self.last_hash_training) >= cfg.hash_every
-        if cfg.learned and due and int(self.pairs_seen) >= cfg.hash_batch:
+        # steps, not pairs_seen (a replica may meet batches without labels): every replica trains together
+        if cfg.learned and due and int(sched.steps) * cfg.pairs_per_step >= cfg.hash_batch:
             self.train_hash()
-            self.rebuild()
-            sched.rebuilt(partial=False)
-        elif cfg.rebuild_mode == "changed":
-            self.rebuild(self.dirty.nonzero().squeeze(1))
+            if self.update_hash():  # the projection moved: every class rehashed (full rebuild)
+                sched.rebuilt(partial=False)
+                return
+        if cfg.rebuild_mode == "changed":
+            self.rebuild(self.changed_rows())
             sched.rebuilt(partial=True)
         else:
             self.rebuild()
@@ -253,51 +335,98 @@ class LSHOutputLayer(nn.Module):
     # -- learned hashing (MONGOOSE) -----------------------------------------------------
     @torch.no_grad()
     def _collect_pairs(self, hidden: torch.Tensor, values: torch.Tensor, rows: torch.Tensor, sample: torch.Tensor):
+        """Keep ``pairs_per_step`` (hidden, label, sampled non-label class) triplets in the ring buffer.
+
+        The negative comes from the step's sample (mostly LSH candidates: the classes the tables
+        wrongly put next to the query); a fixed count per step keeps ``pairs_seen`` equal on all replicas.
+        """
         cfg = self.config
-        n = min(cfg.pairs_per_step, values.numel())
+        if values.numel() == 0:
+            return
+        n = cfg.pairs_per_step
         gen = self._generator_for(hidden.device)
-        pick = torch.randperm(values.numel(), generator=gen, device=hidden.device)[:n]
-        negative = sample[torch.randint(0, sample.numel(), (n,), generator=gen, device=hidden.device)]
+        pick = torch.randint(0, values.numel(), (n,), generator=gen, device=hidden.device)
+        slot = torch.randint(0, sample.numel(), (n,), generator=gen, device=hidden.device)
+        negative = sample[slot]
+        clash = negative == values[pick]  # the label itself: take its neighbour in the sample
+        negative[clash] = sample[(slot[clash] + 1) % sample.numel()]
         slots = (int(self.pairs_seen) + torch.arange(n, device=hidden.device)) % cfg.pair_buffer
         self.pair_hidden[slots] = hidden[rows[pick]].detach().to(self.pair_hidden.dtype)
         self.pair_classes[slots] = torch.stack([values[pick], negative], dim=1)
         self.pairs_seen += n
 
     def train_hash(self, steps: int | None = None) -> float:
-        """Train the projection on the collected triplets (its own Adam); returns the last loss.
+        """Train a candidate projection on the collected triplets (its own Adam); returns the last loss.
 
-        The tables are stale afterwards: call ``rebuild()`` (the schedule does).
+        The candidate starts from the projection the tables use and is kept between trainings;
+        ``update_hash()`` makes it the projection once it has moved enough (the schedule does both).
+        Objective (``kernels.lsh.learned_hash_loss``): hidden vector and its label's weight in the same
+        bucket, a sampled negative out of it, with a margin; balanced bits, decorrelated within a table.
+        Under ``torch.distributed`` the candidate is averaged over the replicas after training, so
+        every replica adopts the same projection.
         """
         cfg = self.config
         if not cfg.learned:
             raise RuntimeError("train_hash needs LSHConfig(learned=True)")
         available = min(int(self.pairs_seen), cfg.pair_buffer)
-        if available == 0:
-            return float("nan")
-        if self._hash_optimizer is None or self._hash_param.data_ptr() != self.projection.data_ptr():
-            state = self._hash_optimizer.state_dict() if self._hash_optimizer is not None else None
-            # shares storage, so updates land in the buffer; set past nn.Module so that it is not a parameter
-            object.__setattr__(self, "_hash_param", nn.Parameter(self.projection))
-            self._hash_optimizer = torch.optim.Adam([self._hash_param], lr=cfg.hash_lr)
-            if state is not None:
-                self._hash_optimizer.load_state_dict(state)
-        projection = self._hash_param
+        candidate = self._hash_candidate
+        if candidate is None or candidate.device != self.projection.device:
+            candidate = nn.Parameter(F.normalize(self.projection.detach().clone(), dim=0))
+            object.__setattr__(self, "_hash_candidate", candidate)  # not a module parameter: its own optimizer
+            self._hash_optimizer = torch.optim.Adam([candidate], lr=cfg.hash_lr)
         gen = self._generator_for(self.projection.device)
         weight = self.weight.detach()
-        loss = torch.zeros(())
-        for _ in range(cfg.hash_steps if steps is None else steps):
-            idx = torch.randint(0, available, (min(cfg.hash_batch, available),), generator=gen, device=weight.device)
-            anchor = self.pair_hidden[idx]
-            positive, negative = weight[self.pair_classes[idx, 0]], weight[self.pair_classes[idx, 1]]
-            loss = triplet_hash_loss(
-                anchor, positive, negative, projection, cfg.num_tables, cfg.hash_margin, cfg.hash_sharpness
+        loss = torch.full((), float("nan"))
+        count = (cfg.hash_steps if steps is None else steps) if available else 0  # no pairs here: only average
+        for _ in range(count):
+            batch = min(cfg.hash_batch, available)
+            idx = torch.randint(0, available, (batch,), generator=gen, device=weight.device)
+            classes = torch.randint(0, self.num_classes, (batch,), generator=gen, device=weight.device)
+            loss = learned_hash_loss(
+                self.pair_hidden[idx],
+                weight[self.pair_classes[idx, 0]],
+                weight[self.pair_classes[idx, 1]],
+                weight[classes],
+                candidate,
+                cfg.num_tables,
+                cfg.hash_margin,
+                cfg.hash_sharpness,
+                cfg.hash_query_balance,
+                cfg.hash_class_balance,
+                cfg.hash_decorrelation,
             )
             self._hash_optimizer.zero_grad()
             loss.backward()
             self._hash_optimizer.step()
+            with torch.no_grad():  # the sign is scale-free; unit columns keep Adam's steps meaningful
+                candidate.copy_(F.normalize(candidate, dim=0))
+        _average_over_replicas(candidate.data)
         self.last_hash_training.copy_(self.scheduler.steps)
         self.scheduler.hash_trainings += 1
         return float(loss.detach())
+
+    @torch.no_grad()
+    def update_hash(self, min_change: float | None = None) -> bool:
+        """Adopt the trained candidate projection and rehash every class, if it moves enough class codes.
+
+        "Enough": at least ``min_change`` (default ``hash_min_change``) of the (class, table) codes of
+        the drift probe differ between the two projections. A smaller move is not worth a full rehash;
+        the candidate keeps training from where it is. Returns whether the projection was adopted.
+        """
+        if self._hash_candidate is None:
+            return False
+        threshold = self.config.hash_min_change if min_change is None else min_change
+        cfg = self.config
+        candidate = self._hash_candidate.detach()
+        rows = self.weight.detach()[self._probe().to(self.weight.device)]
+        new = simhash_codes(rows, candidate, cfg.num_tables, cfg.num_bits)
+        moved = float((new != self.hash(rows)).double().mean())
+        if moved < threshold:
+            return False
+        self.projection.copy_(candidate)
+        self.rebuild()
+        self.scheduler.hash_updates += 1
+        return True
 
     # -- training forward -----------------------------------------------------------------
     def forward(self, hidden: torch.Tensor, labels: Labels) -> torch.Tensor:
@@ -329,19 +458,15 @@ class LSHOutputLayer(nn.Module):
         loss = sampled_loss(logits, positions, rows, multi)
         with torch.no_grad():
             own = (query_codes[rows] == self.codes[values]).any(-1)  # label shares a bucket with its own query
-            drift = float((self.hash(self.weight[sample]) != self.codes[sample]).float().mean())
-            self.dirty[sample] = True
-            self.scheduler.record_drift(drift)
-            self.scheduler.step()
             if cfg.learned and cfg.pair_buffer:
                 self._collect_pairs(hidden, values, rows, sample)
+            self.scheduler.step()
             self._stats["steps"] += 1
             self._stats["labels"] += values.numel()
             self._stats["labels_in_sample"] += int(in_sample.sum())
             self._stats["labels_own_bucket"] += int(own.sum())
             self._stats["retrieved"] += int((counts > 0).sum())
             self._stats["sampled"] += sample.numel()
-            self._stats["drift_sum"] += drift
         return loss
 
     def _log_inclusion(
@@ -389,7 +514,12 @@ class LSHOutputLayer(nn.Module):
         keys = ("steps", "labels", "labels_in_sample", "labels_own_bucket", "retrieved", "sampled", "drift_sum")
         self._stats = dict.fromkeys(keys, 0)
         sched = self.scheduler
-        self._stats_base = (sched.rebuilds, int(sched.full_rebuilds), int(sched.hash_trainings))
+        self._stats_base = (
+            sched.rebuilds,
+            int(sched.full_rebuilds),
+            int(sched.hash_trainings),
+            int(sched.hash_updates),
+        )
 
     def bucket_histogram(self) -> dict[str, int]:
         """Number of buckets by size: ``"0"``, ``"1"``, ``"2-3"``, ``"4-7"``, ... (all tables)."""
@@ -415,6 +545,7 @@ class LSHOutputLayer(nn.Module):
             "full_rebuilds": int(sched.full_rebuilds) - self._stats_base[1],
             "partial_rebuilds": sched.rebuilds - self._stats_base[0] - int(sched.full_rebuilds) + self._stats_base[1],
             "hash_trainings": int(sched.hash_trainings) - self._stats_base[2],
+            "hash_updates": int(sched.hash_updates) - self._stats_base[3],
             "total_rebuilds": sched.rebuilds,
             "drift": float(sched.drift),
             "max_drift": float(sched.max_drift),

@@ -4,8 +4,9 @@ Why: rehashing all ``C`` class rows costs about as much as one full-softmax forw
 it every step throws away the saving. MONGOOSE observes that the weights move slowly and
 rebuilds only when enough of the hash codes have actually changed; SLIDE rebuilds every
 ``period`` steps whatever happened. The scheduler only decides; the layer measures the drift
-(the fraction of (class, table) codes of the step's sampled classes that no longer match the
-tables) and does the rebuild.
+(the fraction of (class, table) codes of the classes that moved since their last hashing that no
+longer match the tables, on a probe of classes drawn from the seed and the step) and does the rebuild.
+``hash_trainings`` counts trainings of a learned projection, ``hash_updates`` the ones adopted.
 
 All counters are buffers, so they are in ``state_dict()`` and in checkpoints.
 
@@ -48,7 +49,14 @@ class RebuildScheduler(nn.Module):
         if period < 1 or min_period < 1:
             raise ValueError(f"period and min_period must be >= 1, got {period}, {min_period}")
         self.schedule, self.threshold, self.period, self.min_period = schedule, threshold, period, min_period
-        for name in ("steps", "full_rebuilds", "partial_rebuilds", "last_rebuild_step", "hash_trainings"):
+        for name in (
+            "steps",
+            "full_rebuilds",
+            "partial_rebuilds",
+            "last_rebuild_step",
+            "hash_trainings",
+            "hash_updates",
+        ):
             self.register_buffer(name, torch.zeros((), dtype=torch.int64))
         self.register_buffer("drift", torch.zeros((), dtype=torch.float64))
         self.register_buffer("max_drift", torch.zeros((), dtype=torch.float64))

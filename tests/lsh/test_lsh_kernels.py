@@ -205,3 +205,20 @@ def test_scatter_topk_matches_dense_topk():
     assert torch.equal(top_scores, ref_scores)
     finite = torch.isfinite(ref_scores)
     assert torch.equal(top_ids[finite], ref_ids[finite]) and bool((top_ids[~finite] == -1).all())
+
+
+def test_soft_simhash_keeps_the_hard_bits_and_soft_collision_of_hard_bits_is_the_bucket_match():
+    from kernels.lsh import soft_collision, soft_simhash
+
+    g = torch.Generator().manual_seed(4)
+    num_tables, num_bits = 3, 4
+    x = torch.randn(200, 8, generator=g, dtype=torch.float64) + 5.0  # one shared direction, as real hidden vectors
+    projection = torch.randn(8, num_tables * num_bits, generator=g, dtype=torch.float64)
+    soft = soft_simhash(x, projection, 2.0)
+    assert torch.equal(soft > 0, x @ projection > 0)
+    assert float(soft.abs().mean()) > 0.5  # the per-column scale keeps the bits away from 0
+    hard = torch.sign(soft)
+    codes = simhash_codes(x, projection, num_tables, num_bits)
+    other = torch.randperm(200, generator=g)
+    expected = (codes == codes[other]).to(torch.float64)  # (N, L): same bucket in that table
+    assert torch.equal(soft_collision(hard, hard[other], num_tables), expected)

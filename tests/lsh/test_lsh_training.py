@@ -20,11 +20,6 @@ def _recall_at(layer: LSHOutputLayer, hidden: torch.Tensor, labels: torch.Tensor
 
 @pytest.mark.slow
 @pytest.mark.realdata
-@pytest.mark.xfail(
-    strict=True,
-    reason="open: the triplet-trained projection does not yet beat random SimHash here "
-    "(recall collapses); see docs/lsh_output.md, 'Known gaps'",
-)
 def test_learned_hashing_raises_recall_of_positives_on_delicious(data_dir):
     from pipelines.output_layer_training import EncoderWithOutput
     from pipelines.train_xmc import SparseFeatureEncoder
@@ -54,18 +49,24 @@ def test_learned_hashing_raises_recall_of_positives_on_delicious(data_dir):
 
     train_hidden, train_labels = pairs(train, 3000)
     test_hidden, test_labels = pairs(test, 1500)
-    recalls = {}
+    recalls, largest_bucket = {}, {}
     for learned in (False, True):
         config = LSHConfig(num_tables=4, num_bits=6, learned=learned, pair_buffer=train_labels.numel(),
-                           hash_steps=400, hash_batch=512, hash_lr=0.01, seed=3)  # fmt: skip
+                           hash_steps=400, hash_batch=512, seed=3)  # fmt: skip
         layer = LSHOutputLayer(64, data.num_labels, config)
         layer.weight.data.copy_(model.output.weight.data)
-        if learned:
+        layer.rebuild()
+        if learned:  # pairs collected on the train split, recall measured on the test split
             layer.pair_hidden.copy_(train_hidden)
             negatives = torch.randint(0, data.num_labels, (train_labels.numel(),), generator=g)
             layer.pair_classes.copy_(torch.stack([train_labels, negatives], 1))
             layer.pairs_seen.fill_(train_labels.numel())
             layer.train_hash()
-        layer.rebuild()
+            assert layer.update_hash(min_change=0.0)
+            assert torch.equal(layer.codes, layer.hash(layer.weight))  # the tables follow the new projection
         recalls[learned] = _recall_at(layer, test_hidden, test_labels, 50)
-    assert recalls[True] > recalls[False] + 0.02, recalls
+        largest_bucket[learned] = int(layer.offsets.diff().max())
+    # the hidden vectors share one direction (cosine ~0.99 with their mean): random SimHash puts nearly all
+    # queries into a few buckets far from their labels; the learned projection must do clearly better
+    assert recalls[True] > 2 * recalls[False] + 0.05, recalls
+    assert largest_bucket[True] < data.num_labels // 4, largest_bucket  # no collapse into one bucket
