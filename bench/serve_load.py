@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -162,13 +164,13 @@ class LitRankAPI(_LitBase):
         }
 
 
-def run_litserve(model_dir: Path, port: int, max_batch: int, batch_timeout: float) -> None:
-    """LitServe with two APIs (/v1/score, /v1/rank) over the same export."""
+def run_litserve(model_dir: Path, port: int, max_batch: int, batch_timeout: float, workers: int = 1) -> None:
+    """LitServe with two APIs (/v1/score, /v1/rank) over the same export; ``workers`` inference workers."""
     apis = [
         LitScoreAPI(model_dir, api_path="/v1/score", max_batch_size=max_batch, batch_timeout=batch_timeout),
         LitRankAPI(model_dir, api_path="/v1/rank", max_batch_size=max_batch, batch_timeout=batch_timeout),
     ]
-    server = ls.LitServer(apis, accelerator="cpu", workers_per_device=1, timeout=30)
+    server = ls.LitServer(apis, accelerator="cpu", workers_per_device=workers, timeout=30)
     server.run(host="127.0.0.1", port=port, num_api_servers=1, generate_client_file=False, log_level="warning")
 
 
@@ -187,20 +189,51 @@ def _wait_ready(url: str, proc: subprocess.Popen, seconds: float = 120) -> None:
     raise TimeoutError(f"{url} not ready")
 
 
+def parse_server(kind: str) -> tuple[str, int]:
+    """``ours`` / ``litserve``, optionally ``-wN`` (N processes / inference workers): (name, N)."""
+    name, _, workers = kind.partition("-w")
+    if name not in ("ours", "litserve") or (workers and not workers.isdigit()):
+        raise ValueError(f"--servers: {kind!r} is not ours, litserve, ours-wN or litserve-wN")
+    return name, int(workers or 1)
+
+
 def start_server(kind: str, model: Path, port: int, args: argparse.Namespace) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    if kind == "ours":
+    name, workers = parse_server(kind)
+    if name == "ours":
         cmd = [sys.executable, "-m", "service", "--model", str(model), "--port", str(port)]
-        cmd += ["--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning"]
+        cmd += ["--max-wait-ms", str(args.max_wait_ms), "--log-level", "warning", "--workers", str(workers)]
         ready = f"http://127.0.0.1:{port}/readyz"
     else:
         cmd = [sys.executable, "-m", "bench.serve_load", "--litserve-server", "--model", str(model)]
         cmd += ["--port", str(port), "--litserve-max-batch", str(args.litserve_max_batch)]
-        cmd += ["--litserve-batch-timeout", str(args.litserve_batch_timeout)]
+        cmd += ["--litserve-batch-timeout", str(args.litserve_batch_timeout), "--litserve-workers", str(workers)]
         ready = f"http://127.0.0.1:{port}/health"
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    _wait_ready(ready, proc)
+    # its own session: LitServe's API server and inference workers are children that must end with it
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        _wait_ready(ready, proc)
+    except BaseException:
+        stop_server(proc)
+        raise
     return proc
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """End the server and every process it started (its process group), so none keeps a core busy."""
+    for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 5)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=wait)
+            time.sleep(0.5)  # the children get the signal too; let them go before the next server
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -215,11 +248,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each point")
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated numbers of concurrent connections")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {list(SCENARIOS)}")
-    p.add_argument("--servers", default="ours,litserve", help="comma-separated: ours, litserve")
+    p.add_argument(
+        "--servers",
+        default="ours,litserve,ours-w2,litserve-w2",
+        help="comma-separated: ours, litserve; -wN: N server processes (ours) / inference workers (LitServe)",
+    )
     p.add_argument("--port", type=int, default=18100, help="first port used (ours; LitServe gets port+1)")
     p.add_argument("--max-wait-ms", type=float, default=0.0, help="our service's --max-wait-ms")
     p.add_argument("--litserve-max-batch", type=int, default=32, help="LitServe max_batch_size")
     p.add_argument("--litserve-batch-timeout", type=float, default=0.001, help="LitServe batch_timeout (seconds)")
+    p.add_argument("--litserve-workers", type=int, default=1, help="(internal) LitServe inference workers")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--litserve-server", action="store_true", help="(internal) run the LitServe server and block")
     return p
@@ -228,10 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> list[dict]:
     args = build_parser().parse_args(argv)
     if args.litserve_server:
-        run_litserve(args.model, args.port, args.litserve_max_batch, args.litserve_batch_timeout)
+        run_litserve(args.model, args.port, args.litserve_max_batch, args.litserve_batch_timeout, args.litserve_workers)
         return []
     results = []
-    for offset, kind in enumerate(args.servers.split(",")):
+    servers = args.servers.split(",")
+    for kind in servers:
+        parse_server(kind)
+    print(f"load average before: {' '.join(f'{x:.2f}' for x in os.getloadavg())} on {os.cpu_count()} cores", flush=True)
+    for offset, kind in enumerate(servers):
         port = args.port + offset
         proc = start_server(kind, args.model, port, args)
         try:
@@ -240,15 +282,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 body = payload(scenario)
                 for c in (int(x) for x in args.concurrency.split(",")):
                     r = asyncio.run(load("127.0.0.1", port, path, body, c, args.duration, args.warmup))
+                    r["load1"] = os.getloadavg()[0]
                     results.append({"server": kind, "scenario": scenario, "concurrency": c, **r})
                     print(
-                        f"{kind:9s} {scenario:8s} c={c:<3d} {r['rps']:8.1f} req/s  p50 {r['p50']:7.2f} ms  "
-                        f"p99 {r['p99']:7.2f} ms  errors {r['errors']}",
+                        f"{kind:12s} {scenario:8s} c={c:<3d} {r['rps']:8.1f} req/s  p50 {r['p50']:7.2f} ms  "
+                        f"p99 {r['p99']:7.2f} ms  errors {r['errors']}  load {r['load1']:.2f}",
                         flush=True,
                     )
         finally:
-            proc.terminate()
-            proc.wait(timeout=30)
+            stop_server(proc)
     _report(results)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
@@ -256,20 +298,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _report(results: list[dict]) -> None:
+    """One table per worker count: ours-wN next to litserve-wN (ratio = our requests/s over LitServe's)."""
     by = {(r["server"], r["scenario"], r["concurrency"]): r for r in results}
-    print("\n| endpoint | conc. | ours req/s | ours p50 / p99 ms | LitServe req/s | LitServe p50 / p99 ms | ratio |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "\n| endpoint | conc. | procs | ours req/s | ours p50 / p99 ms | LitServe req/s | LitServe p50 / p99 ms "
+        "| ratio | load avg |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
     for (server, scenario, c), r in by.items():
-        if server != "ours":
+        name, workers = parse_server(server)
+        if name != "ours":
             continue
-        other = by.get(("litserve", scenario, c))
+        other = by.get(("litserve" if workers == 1 else f"litserve-w{workers}", scenario, c))
         lit = f"{other['rps']:.0f} | {other['p50']:.2f} / {other['p99']:.2f}" if other else "- | -"
         ratio = f"{r['rps'] / other['rps']:.2f}x" if other and other["rps"] else "-"
-        print(f"| {scenario} | {c} | {r['rps']:.0f} | {r['p50']:.2f} / {r['p99']:.2f} | {lit} | {ratio} |")
-    rank8 = by.get(("ours", "rank100", 8))
-    if rank8:
-        verdict = "met" if rank8["p99"] < 10 else "NOT met"
-        print(f"\nrank of 100 candidates at concurrency 8: p99 {rank8['p99']:.2f} ms (target < 10 ms: {verdict})")
+        load = f"{r['load1']:.1f}" + (f" / {other['load1']:.1f}" if other else "")
+        print(
+            f"| {scenario} | {c} | {workers} | {r['rps']:.0f} | {r['p50']:.2f} / {r['p99']:.2f} | {lit} | {ratio} "
+            f"| {load} |"
+        )
+    for server in dict.fromkeys(r["server"] for r in results):
+        rank8 = by.get((server, "rank100", 8))
+        if rank8:
+            verdict = "met" if rank8["p99"] < 10 else "NOT met"
+            print(f"{server}: rank of 100 candidates at concurrency 8: p99 {rank8['p99']:.2f} ms (< 10 ms: {verdict})")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,11 @@ Why the checkpoint is read without ``DistributedModelParallel``: DCP stores each
 table with its global shape, so loading it into plain tensors of those shapes (one process,
 no process group) reassembles the tables whatever the number of ranks that wrote them.
 
+``--retrieval NEXT_ITEM_RUN --item-column C3`` adds the candidate generator of ``/v1/recommend``:
+the history encoder and LSH output layer of a ``pipelines.train_next_item`` run (its tables,
+projection and weights, not its training-only state), its config and the item catalogue, in
+``retrieval.safetensors``; the manifest names the DLRM column an item id is put into to re-rank.
+
 ``--core-dtype fp16|int8`` stores the TT cores smaller (int8: one float32 scale per core
 row). With ``--evaluate`` (default on when the cores are not fp32) the export scores the
 validation and test splits with the fp32 and the stored model and refuses to write when the
@@ -27,6 +32,7 @@ AUC drops by more than ``--max-auc-drop``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import time
@@ -41,11 +47,14 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from pipelines.checkpoint import TRAINER_STATE_FILE, latest_checkpoint
 from pipelines.evaluate import binary_metrics
 from pipelines.export_format import (
+    CATALOGUE_KEY,
     CORE_DTYPES,
     FEATURES_FILE,
     FORMAT,
     FORMAT_VERSION,
     MODEL_FILE,
+    RETRIEVAL_FILE,
+    RETRIEVAL_LAYER_KEYS,
     SCALE_SUFFIX,
     FeatureEncoder,
     build_model,
@@ -97,18 +106,21 @@ def _run_dir(checkpoint: Path) -> Path:
     return checkpoint.parent.parent  # RUN/checkpoints/step-N or RUN/best/step-N
 
 
-def load_checkpoint_tensors(checkpoint: Path) -> dict[str, torch.Tensor]:
-    """The model tensors of a DCP training checkpoint, as plain tensors named as in a plain DLRM."""
+def load_checkpoint_tensors(checkpoint: Path, prefix: str = _MODEL_PREFIX) -> dict[str, torch.Tensor]:
+    """The tensors under ``prefix`` of a DCP checkpoint as plain tensors, without the prefix.
+
+    The default prefix gives a ``pipelines.train`` checkpoint's tensors named as in a plain DLRM.
+    """
     metadata = FileSystemReader(str(checkpoint)).read_metadata()
     state = {
         key: torch.empty(entry.size, dtype=entry.properties.dtype)
         for key, entry in metadata.state_dict_metadata.items()
-        if key.startswith(_MODEL_PREFIX) and isinstance(entry, TensorStorageMetadata)
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
     }
     if not state:
-        raise ValueError(f"{checkpoint}: no model tensors under {_MODEL_PREFIX!r}; not a pipelines.train checkpoint")
+        raise ValueError(f"{checkpoint}: no model tensors under {prefix!r}; not a checkpoint of the expected kind")
     dcp.load(state, checkpoint_id=str(checkpoint), no_dist=True)
-    return {key.removeprefix(_MODEL_PREFIX): value for key, value in state.items()}
+    return {key.removeprefix(prefix): value for key, value in state.items()}
 
 
 def model_section(config: dict) -> dict:
@@ -174,6 +186,55 @@ def table_section(model: torch.nn.Module, core_dtype: str) -> dict:
     return tables
 
 
+def retrieval_export(run: Path, item_column: str, sparse_columns: list[str]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The manifest's ``retrieval`` section and the tensors of ``retrieval.safetensors`` of a next-item run.
+
+    ``run`` is a ``pipelines.train_next_item`` run directory (its latest checkpoint) or one of its
+    checkpoints; ``item_column`` the DLRM categorical column a candidate item id is put into.
+    """
+    from pipelines.train_next_item import NextItemConfig
+
+    run = Path(run)
+    checkpoint = run if (run / TRAINER_STATE_FILE).is_file() else latest_checkpoint(run / "checkpoints")
+    if checkpoint is None:
+        raise FileNotFoundError(f"--retrieval {run}: no complete checkpoint (run pipelines.train_next_item first)")
+    run_dir = _run_dir(checkpoint)
+    metrics = _read_json(run_dir / METRICS_FILE)
+    if not metrics or "config" not in metrics:
+        raise ValueError(f"--retrieval {run}: {run_dir / METRICS_FILE} with the run's config is missing")
+    if item_column not in sparse_columns:
+        raise ValueError(f"--item-column {item_column!r}: not a categorical column ({sparse_columns[0]}..)")
+    names = {f.name for f in dataclasses.fields(NextItemConfig)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in metrics["config"].items() if k in names}
+    config = NextItemConfig(**values)
+    if config.output_layer != "lsh":
+        raise ValueError(f"--retrieval {run}: trained with --output-layer {config.output_layer}; it needs lsh")
+    state = load_checkpoint_tensors(checkpoint, prefix="model.")
+    num_items = int(state["output.weight"].shape[0])
+    tensors = {k: v for k, v in state.items() if k.startswith("encoder.")}
+    tensors |= {f"output.{k}": state[f"output.{k}"] for k in RETRIEVAL_LAYER_KEYS}
+    tensors[CATALOGUE_KEY] = torch.arange(1, num_items + 1, dtype=torch.int64)  # class c is item c + 1 of the log
+    trainer_state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
+    section = {
+        "source": {"checkpoint": str(checkpoint), "step": trainer_state.get("step"), "data": metrics.get("data")},
+        "encoder": {
+            "kind": "pipelines.train_next_item.HistoryEncoder",
+            "num_items": num_items,
+            "max_len": config.max_len,
+            "item_dim": config.item_dim,
+            "hidden": config.hidden,
+        },
+        "lsh": dataclasses.asdict(config.lsh_config()),
+        "catalogue": {"items": num_items, "item_ids": "the sequence log's item ids: class c is item c + 1"},
+        "rerank": {
+            "column": item_column,
+            "raw_value": "format(item_id, 'x'), then the column's sparse_mapping (as preprocessing maps a hex value)",
+        },
+        "metrics": {k: finite_or_none(v) for k, v in metrics.items() if "@" in k and isinstance(v, int | float)},
+    }
+    return section, tensors
+
+
 def evaluate_model(model: torch.nn.Module, data_dir: Path, split: str) -> dict | None:
     """AUC / log loss of a plain DLRM on a split of the preprocessed data (None when the split is empty)."""
     loader = ParquetBatchLoader(data_dir, split, EVAL_BATCH, shuffle=False)
@@ -195,8 +256,14 @@ def export_checkpoint(
     evaluate: bool | None = None,
     max_auc_drop: float = 0.001,
     version: str | None = None,
+    retrieval: Path | None = None,
+    item_column: str | None = None,
 ) -> dict:
-    """Export ``checkpoint`` (or a run directory's) to ``out``; returns the manifest written."""
+    """Export ``checkpoint`` (or a run directory's) to ``out``; returns the manifest written.
+
+    ``retrieval`` (a ``pipelines.train_next_item`` run) with ``item_column`` adds the model of
+    ``/v1/recommend``.
+    """
     if core_dtype not in CORE_DTYPES:
         raise ValueError(f"core_dtype must be one of {CORE_DTYPES}, got {core_dtype!r}")
     start = time.perf_counter()
@@ -220,6 +287,11 @@ def export_checkpoint(
     if encoder.vocab_sizes != metadata["vocab_sizes"]:
         raise ValueError(f"{data_dir}: vocab.npz does not match metadata.json's vocab_sizes")
     log.info("exporting %s (step %s) with the features of %s", checkpoint, trainer_state.get("step"), data_dir)
+    retrieval_section, retrieval_tensors = None, {}
+    if retrieval is not None:
+        if item_column is None:
+            raise ValueError("--retrieval needs --item-column: the categorical column an item id is re-ranked in")
+        retrieval_section, retrieval_tensors = retrieval_export(retrieval, item_column, encoder.sparse_columns)
 
     section = model_section(config)
     model = build_model(section, encoder.vocab_sizes, len(encoder.dense_columns))
@@ -249,7 +321,7 @@ def export_checkpoint(
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
-        "version": version or f"step{trainer_state.get('step', 0)}-{_digest(tensors)[:10]}",
+        "version": version or f"step{trainer_state.get('step', 0)}-{_digest(tensors | retrieval_tensors)[:10]}",
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "source": {"checkpoint": str(checkpoint), "step": trainer_state.get("step"), "data": str(data_dir)},
         "model": section,
@@ -266,9 +338,11 @@ def export_checkpoint(
         },
         "metrics": _metrics_at_export(run_metrics, trainer_state, export_eval),
         "training_config": config,
-        "retrieval": None,  # the LSH output layer (issue 5): tables and projection, when a model has one
+        "retrieval": retrieval_section,  # the next-item encoder + LSH output layer of /v1/recommend, if any
     }
     files = {MODEL_FILE: tensors}
+    if retrieval_tensors:
+        files[RETRIEVAL_FILE] = retrieval_tensors
     if vocabularies:
         files[FEATURES_FILE] = {name: torch.from_numpy(keys_) for name, keys_ in vocabularies.items()}
     write_export(out, files, manifest)
@@ -379,6 +453,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="with evaluation: refuse to export when the stored cores lower the AUC by more than this",
     )
     p.add_argument("--version", default=None, help="version string of the export (default: step<N>-<content hash>)")
+    p.add_argument(
+        "--retrieval",
+        type=Path,
+        default=None,
+        help="a pipelines.train_next_item run (--output-layer lsh) or one of its checkpoints: its history encoder "
+        "and LSH output layer become the candidate generator of POST /v1/recommend",
+    )
+    p.add_argument(
+        "--item-column",
+        default=None,
+        help="with --retrieval: the categorical column (C1..C26) a candidate item is put into for the DLRM to "
+        "re-rank it, as the raw value format(item_id, 'x')",
+    )
     return p
 
 
@@ -395,6 +482,8 @@ def main(argv: list[str] | None = None) -> dict:
         evaluate=args.evaluate,
         max_auc_drop=args.max_auc_drop,
         version=args.version,
+        retrieval=args.retrieval,
+        item_column=args.item_column,
     )
 
 

@@ -13,6 +13,7 @@ Layout::
     DIR/manifest.sha256        sha256 of manifest.json (written last)
     DIR/model.safetensors      the plain DLRM state dict: MLPs, dense tables, TT cores, TT cache rows
     DIR/features.safetensors   frequency vocabularies (uint32 keys per categorical column), if any
+    DIR/retrieval.safetensors  next-item history encoder + LSH output layer + item catalogue, if any
 
 A directory is written under a hidden temporary name next to ``DIR`` and swapped in when
 complete (:func:`write_export`), so a crash never leaves a half export that looks whole.
@@ -30,9 +31,10 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -45,6 +47,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 
+from pipelines.criteo import MISSING_INDEX, NUM_RESERVED_INDICES, OOV_INDEX
 from pipelines.features import HashMapping, VocabMapping, decode_hex, transform_dense
 from pipelines.loader import rows_to_batch
 from recsys.dlrm import DLRMConfig, build_dense_collection, build_dlrm, table_configs
@@ -58,6 +61,7 @@ MANIFEST_FILE = "manifest.json"
 MANIFEST_DIGEST_FILE = "manifest.sha256"
 MODEL_FILE = "model.safetensors"
 FEATURES_FILE = "features.safetensors"
+RETRIEVAL_FILE = "retrieval.safetensors"
 CORE_DTYPES = ("fp32", "fp16", "int8")
 SCALE_SUFFIX = ".scale"  # per-row float32 scales of an int8 tensor
 # the values training accepts (pipelines.tsv): larger integers or other strings are malformed rows
@@ -207,7 +211,15 @@ class FeatureEncoder:
         features: the manifest's ``features`` section (dense / sparse column names, the
             mapping kind and the hash moduli).
         vocabularies: ``freq`` mapping: uint32 keys per sparse column, most frequent first.
+
+    The column mappings are ``pipelines.features``' ``HashMapping`` / ``VocabMapping``, applied
+    to all columns at once (one modulo, or one ``searchsorted`` over every column's sorted keys
+    offset by ``column << 32``): a request's few hundred values cost one numpy call, not 26.
+    Hex strings are decoded with ``pipelines.features.decode_hex`` over Arrow buffers for large
+    inputs and with ``int(value, 16)`` below ``SMALL_INPUT`` values (tested equal).
     """
+
+    SMALL_INPUT = 2048
 
     def __init__(self, features: dict, vocabularies: Mapping[str, np.ndarray]) -> None:
         self.dense_columns: list[str] = list(features["dense_features"])
@@ -216,6 +228,7 @@ class FeatureEncoder:
         if self.vocab_kind == "hash":
             moduli = features["max_index"]
             self.mappings = [HashMapping(int(m)) for m in moduli]
+            self._moduli = np.array([m.max_index - NUM_RESERVED_INDICES for m in self.mappings], dtype=np.int64)
         elif self.vocab_kind == "freq":
             missing = [c for c in self.sparse_columns if c not in vocabularies]
             if missing:
@@ -223,9 +236,63 @@ class FeatureEncoder:
             self.mappings = [
                 VocabMapping(keys=np.asarray(vocabularies[c], dtype=np.uint32)) for c in self.sparse_columns
             ]
+            keys, ids = [], []
+            for j, mapping in enumerate(self.mappings):
+                order = np.argsort(mapping.keys, kind="stable")
+                keys.append(mapping.keys[order].astype(np.int64) + (j << 32))
+                ids.append(order.astype(np.int64) + NUM_RESERVED_INDICES)
+            self._keys = np.concatenate(keys) if keys else np.empty(0, np.int64)  # sorted: column-major
+            self._ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
         else:
             raise ExportFormatError(f"unknown vocabulary kind {self.vocab_kind!r}")
         self.vocab_sizes = {c: m.num_embeddings for c, m in zip(self.sparse_columns, self.mappings, strict=True)}
+
+    def map_columns(self, values: np.ndarray, missing: np.ndarray, columns: np.ndarray) -> np.ndarray:
+        """Table ids of decoded values: ``values`` uint32, ``missing`` bool, ``columns`` column indices, all (n,)."""
+        if self.vocab_kind == "hash":
+            ids = NUM_RESERVED_INDICES + values.astype(np.int64) % self._moduli[columns]
+        elif self._keys.size == 0:
+            ids = np.full(values.shape, OOV_INDEX, dtype=np.int64)
+        else:
+            key = values.astype(np.int64) + (columns.astype(np.int64) << 32)
+            pos = np.minimum(np.searchsorted(self._keys, key), self._keys.size - 1)
+            ids = np.where(self._keys[pos] == key, self._ids[pos], OOV_INDEX)
+        return np.where(missing, MISSING_INDEX, ids)
+
+    def decode_sparse(self, raw: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray, int | None]:
+        """Hex strings or None -> (uint32 values, missing mask, index of the first invalid value or None)."""
+        if len(raw) <= self.SMALL_INPUT:
+            decoded = []  # -1 = missing
+            for v in raw:
+                if v is None:
+                    decoded.append(-1)
+                elif isinstance(v, str) and _HEX_FULLMATCH(v):
+                    decoded.append(int(v, 16))
+                else:
+                    return np.empty(0, np.uint32), np.empty(0, bool), len(decoded)
+            array = np.array(decoded, dtype=np.int64)
+            missing = array < 0
+            return np.where(missing, 0, array).astype(np.uint32), missing, None
+        try:
+            column = pa.array(raw, type=pa.string())
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            return np.empty(0, np.uint32), np.empty(0, bool), next(k for k, v in enumerate(raw) if not _is_hex(v))
+        valid = pc.fill_null(pc.match_substring_regex(column, HEX_PATTERN), True).to_numpy(zero_copy_only=False)
+        if not valid.all():
+            return np.empty(0, np.uint32), np.empty(0, bool), int(np.flatnonzero(~valid)[0])
+        values, missing = decode_hex(column)
+        return values, missing, None
+
+    @staticmethod
+    def transform_dense(values: Sequence[int | None], where: Callable[[int], str]) -> np.ndarray:
+        """Integer counts or None -> float32 ``log1p(max(x, 0))`` via ``pipelines.features.transform_dense``.
+
+        ``where(k)`` names the field of value ``k`` in the error of a value that is not an integer.
+        """
+        for k, v in enumerate(values):
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or abs(v) > MAX_DENSE_ABS):
+                raise ValueError(f"{where(k)}: {v!r} is not an integer of at most 18 digits")
+        return transform_dense(pa.array(values, type=pa.int64()))
 
     def encode(
         self, dense: Sequence[Sequence[int | None]], sparse: Sequence[Sequence[str | None]]
@@ -244,27 +311,16 @@ class FeatureEncoder:
             if len(s) != n_sparse:
                 raise ValueError(f"rows[{i}].sparse: {len(s)} values, expected {n_sparse}")
         batch = len(dense)
-        # one Arrow column for all values (row-major), through the functions preprocessing uses
-        flat_dense = [v for row in dense for v in row]
-        for k, v in enumerate(flat_dense):
-            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or abs(v) > MAX_DENSE_ABS):
-                i, j = divmod(k, n_dense)
-                raise ValueError(f"rows[{i}].dense[{j}]: {v!r} is not an integer of at most 18 digits")
-        dense_out = transform_dense(pa.array(flat_dense, type=pa.int64())).reshape(batch, n_dense)
-        try:
-            column = pa.array([v for row in sparse for v in row], type=pa.string())
-        except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-            raise ValueError(f"sparse values must be strings or null ({exc})") from exc
-        valid = pc.fill_null(pc.match_substring_regex(column, HEX_PATTERN), True).to_numpy(zero_copy_only=False)
-        if not valid.all():
-            i, j = divmod(int(np.flatnonzero(~valid)[0]), n_sparse)
-            raise ValueError(f"rows[{i}].sparse[{j}]: {sparse[i][j]!r} is not 1-8 hex digits")
-        values, missing = decode_hex(column)
-        values, missing = values.reshape(batch, n_sparse), missing.reshape(batch, n_sparse)
-        sparse_out = np.empty((batch, n_sparse), dtype=np.int64)
-        for j, mapping in enumerate(self.mappings):
-            sparse_out[:, j] = mapping(values[:, j], missing[:, j])
-        return dense_out, sparse_out
+        flat_dense = [v for row in dense for v in row]  # row-major
+        dense_out = self.transform_dense(flat_dense, lambda k: "rows[{}].dense[{}]".format(*divmod(k, n_dense)))
+        raw = [v for row in sparse for v in row]
+        values, missing, bad = self.decode_sparse(raw)
+        if bad is not None:
+            i, j = divmod(bad, n_sparse)
+            raise ValueError(f"rows[{i}].sparse[{j}]: {raw[bad]!r} is not 1-8 hex digits")
+        columns = np.tile(np.arange(n_sparse), batch)
+        ids = self.map_columns(values, missing, columns).reshape(batch, n_sparse)
+        return dense_out.reshape(batch, n_dense), ids
 
     def encode_variants(
         self,
@@ -287,27 +343,25 @@ class FeatureEncoder:
         if rows:
             cols = [j for o in dense_overrides for j in o]
             values = [v for o in dense_overrides for v in o.values()]
-            for k, v in enumerate(values):
-                if v is not None and (isinstance(v, bool) or not isinstance(v, int) or abs(v) > MAX_DENSE_ABS):
-                    raise ValueError(
-                        f"candidates[{rows[k]}].dense[{cols[k]}]: {v!r} is not an integer of at most 18 digits"
-                    )
-            dense_out[rows, cols] = transform_dense(pa.array(values, type=pa.int64()))
+            dense_out[rows, cols] = self.transform_dense(values, lambda k: f"candidates[{rows[k]}].dense[{cols[k]}]")
         rows = [i for i, o in enumerate(sparse_overrides) for _ in o]
         if rows:
-            cols = np.array([j for o in sparse_overrides for j in o])
+            sparse_cols = np.fromiter((j for o in sparse_overrides for j in o), dtype=np.int64, count=len(rows))
             raw = [v for o in sparse_overrides for v in o.values()]
-            column = pa.array(raw, type=pa.string())
-            valid = pc.fill_null(pc.match_substring_regex(column, HEX_PATTERN), True).to_numpy(zero_copy_only=False)
-            if not valid.all():
-                k = int(np.flatnonzero(~valid)[0])
-                raise ValueError(f"candidates[{rows[k]}].sparse[{cols[k]}]: {raw[k]!r} is not 1-8 hex digits")
-            values, missing = decode_hex(column)
-            rows_array = np.array(rows)
-            for j in np.unique(cols):
-                at = cols == j
-                ids_out[rows_array[at], j] = self.mappings[j](values[at], missing[at])
+            values, missing, bad = self.decode_sparse(raw)
+            if bad is not None:
+                raise ValueError(
+                    f"candidates[{rows[bad]}].sparse[{sparse_cols[bad]}]: {raw[bad]!r} is not 1-8 hex digits"
+                )
+            ids_out[rows, sparse_cols] = self.map_columns(values, missing, sparse_cols)
         return dense_out, ids_out
+
+
+_HEX_FULLMATCH = re.compile(HEX_PATTERN.removeprefix("^").removesuffix("$")).fullmatch  # as RE2's ^...$: no "\n"
+
+
+def _is_hex(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and _HEX_FULLMATCH(value) is not None)
 
 
 # -- the model --------------------------------------------------------------------------------
@@ -359,6 +413,109 @@ def tt_core_names(model: nn.Module) -> list[str]:
     return [k for k in model.state_dict() if ".tt_cores." in k]
 
 
+# -- retrieval: next-item encoder + LSH output layer ------------------------------------------
+RETRIEVAL_LAYER_KEYS = ("weight", "projection", "codes", "offsets", "members")
+"""What ``LSHOutputLayer.topk`` reads; the training-only state (fingerprints, triplet buffer, scheduler) stays out."""
+CATALOGUE_KEY = "catalogue.item_ids"
+
+
+class Retrieval:
+    """The candidate generator of ``/v1/recommend``: history -> hidden -> ``LSHOutputLayer.topk``.
+
+    Item ids are those of the sequence log the next-item model trained on (1-based); class ``c``
+    of the layer is item ``item_ids[c]``. Re-ranking puts an item into the DLRM's categorical
+    column ``column`` as the raw value ``format(item_id, "x")``, which the feature encoder then
+    hashes or looks up exactly as preprocessing does.
+
+    Args:
+        section: the manifest's ``retrieval`` section (encoder and LSH config, re-rank column).
+        tensors: ``retrieval.safetensors``: ``encoder.*``, ``output.*`` and the catalogue.
+
+    Example::
+
+        items, scores = exported.retrieval.retrieve([12, 7, 301], 100)   # (<=100,) item ids, inner products
+    """
+
+    def __init__(self, section: dict, tensors: Mapping[str, torch.Tensor], sparse_columns: Sequence[str]) -> None:
+        from pipelines.train_next_item import HistoryEncoder
+        from recsys.lsh_output import LSHConfig, LSHOutputLayer
+
+        enc = section["encoder"]
+        self.max_len: int = enc["max_len"]
+        self.num_items: int = enc["num_items"]
+        self.column: str = section["rerank"]["column"]
+        if self.column not in sparse_columns:
+            raise ExportFormatError(
+                f"retrieval re-rank column {self.column!r} is not a categorical column of the model"
+            )
+        self.column_index = list(sparse_columns).index(self.column)
+        try:
+            lsh = LSHConfig(**section["lsh"])
+        except (TypeError, ValueError) as exc:
+            raise ExportFormatError(f"retrieval: LSH config not readable by this code ({exc})") from exc
+        self.encoder = HistoryEncoder(self.num_items, self.max_len, enc["item_dim"], enc["hidden"], 0.0).eval()
+        self.layer = LSHOutputLayer(enc["hidden"], self.num_items, lsh).eval()
+        encoder_state = {k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")}
+        _load_exactly(self.encoder, encoder_state, "encoder.")
+        layer_state = {k: tensors.get(f"output.{k}") for k in RETRIEVAL_LAYER_KEYS}
+        _load_exactly(self.layer, layer_state, "output.", strict=False)
+        item_ids = tensors.get(CATALOGUE_KEY)
+        if item_ids is None or tuple(item_ids.shape) != (self.num_items,):
+            raise ExportFormatError(f"{RETRIEVAL_FILE}: {CATALOGUE_KEY} missing or not ({self.num_items},)")
+        self.item_ids = item_ids.numpy().astype(np.int64)  # class -> item id
+        order = np.argsort(self.item_ids, kind="stable")
+        self._sorted_ids, self._sorted_classes = self.item_ids[order], order
+
+    def classes_of(self, items: Sequence[int], field_name: str = "history") -> np.ndarray:
+        """Item ids -> class ids; raises ``ValueError`` naming ``field_name[i]`` for an item not in the catalogue."""
+        items_array = np.asarray(items, dtype=np.int64).reshape(-1)
+        at = np.searchsorted(self._sorted_ids, items_array).clip(max=len(self._sorted_ids) - 1)
+        known = self._sorted_ids[at] == items_array
+        if not known.all():
+            i = int(np.flatnonzero(~known)[0])
+            raise ValueError(f"{field_name}[{i}]: item {items[i]} is not in the catalogue of {self.num_items} items")
+        return self._sorted_classes[at]
+
+    @torch.inference_mode()
+    def hidden(self, history: Sequence[int]) -> torch.Tensor:
+        """``(1, D)`` hidden vector of one history (item ids, oldest first; the last ``max_len`` count)."""
+        classes = self.classes_of(history)[-self.max_len :] if len(history) else np.empty(0, dtype=np.int64)
+        padded = np.full((1, self.max_len), -1, dtype=np.int64)  # left-padded, as pipelines.sequences does
+        if len(classes):
+            padded[0, -len(classes) :] = classes
+        return self.encoder(torch.from_numpy(padded))
+
+    @torch.inference_mode()
+    def retrieve(self, history: Sequence[int], n: int) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``n`` candidate item ids from the LSH tables, by decreasing inner product, and those products."""
+        scores, classes = self.layer.topk(self.hidden(history), n)  # (1, n) each, -inf / -1 padding
+        keep = classes[0] >= 0
+        return self.item_ids[classes[0][keep].numpy()], scores[0][keep].double().numpy()
+
+    def item_values(self, items: np.ndarray) -> list[str]:
+        """The raw categorical value of each item in the re-rank column."""
+        return [format(int(i), "x") for i in items]
+
+
+def _load_exactly(
+    module: nn.Module, state: Mapping[str, torch.Tensor | None], prefix: str, strict: bool = True
+) -> None:
+    """Load ``state`` into ``module`` after checking every tensor is there with the module's shape and dtype."""
+    expected = module.state_dict()
+    names = expected.keys() if strict else state.keys()
+    for name in names:
+        value = state.get(name)
+        if value is None:
+            raise ExportFormatError(f"{RETRIEVAL_FILE}: no tensor {prefix + name!r}, which the retrieval model needs")
+        want = expected[name]
+        if tuple(value.shape) != tuple(want.shape) or value.dtype != want.dtype:
+            raise ExportFormatError(
+                f"{RETRIEVAL_FILE}: {prefix + name!r} is {value.dtype} {list(value.shape)}, the model needs "
+                f"{want.dtype} {list(want.shape)}"
+            )
+    module.load_state_dict(dict(state), strict=strict)
+
+
 @dataclass
 class ExportedModel:
     """An export loaded for inference: the DLRM, its feature encoder and its manifest.
@@ -374,6 +531,7 @@ class ExportedModel:
     manifest: dict
     model: nn.Module
     encoder: FeatureEncoder
+    retrieval: Retrieval | None = None
 
     @property
     def version(self) -> str:
@@ -394,6 +552,27 @@ class ExportedModel:
     def score_rows(self, dense: Sequence[Sequence[int | None]], sparse: Sequence[Sequence[str | None]]) -> np.ndarray:
         """Raw Criteo rows -> click probabilities: the offline reference of the service's /v1/score."""
         return self.predict(*self.encoder.encode(dense, sparse))
+
+    def recommend(
+        self,
+        history: Sequence[int],
+        dense: Sequence[int | None],
+        sparse: Sequence[str | None],
+        k: int,
+        candidates: int = 100,
+    ) -> list[tuple[int, float, float]]:
+        """The offline ``/v1/recommend``: ``(item id, click probability, retrieval score)``, best ``k`` first.
+
+        ``candidates`` items are retrieved from the LSH tables for ``history``, each put into the
+        context row's re-rank column, scored by the DLRM and sorted (ties: retrieval order).
+        """
+        if self.retrieval is None:
+            raise ValueError("this export has no retrieval model (export with --retrieval)")
+        items, retrieval_scores = self.retrieval.retrieve(history, candidates)
+        overrides = [{self.retrieval.column_index: v} for v in self.retrieval.item_values(items)]
+        probabilities = self.predict(*self.encoder.encode_variants(dense, sparse, [{}] * len(items), overrides))
+        order = np.argsort(-probabilities, kind="stable")[:k]
+        return [(int(items[i]), float(probabilities[i]), float(retrieval_scores[i])) for i in order]
 
     def summary(self) -> dict[str, Any]:
         """What ``GET /v1/model`` shows: everything in the manifest but the per-file digests."""
@@ -431,8 +610,15 @@ def load_exported(path: str | Path) -> ExportedModel:
             )
     _check_tt_shapes(model, manifest)
     model.load_state_dict(state, strict=False)
+    retrieval = None
+    if manifest.get("retrieval"):
+        tensors = read_tensors(path, manifest, RETRIEVAL_FILE)
+        try:
+            retrieval = Retrieval(manifest["retrieval"], tensors, encoder.sparse_columns)
+        except KeyError as exc:
+            raise ExportFormatError(f"{path / MANIFEST_FILE}: retrieval section lacks {exc}") from exc
     log.info("loaded export %s (version %s) in %.2fs", path, manifest["version"], time.perf_counter() - start)
-    return ExportedModel(path=path, manifest=manifest, model=model, encoder=encoder)
+    return ExportedModel(path=path, manifest=manifest, model=model, encoder=encoder, retrieval=retrieval)
 
 
 def _check_tt_shapes(model: nn.Module, manifest: dict) -> None:

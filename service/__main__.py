@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
 
@@ -17,7 +18,7 @@ import uvicorn
 
 from pipelines.export_format import ExportFormatError, read_manifest
 from service.app import create_app
-from service.settings import ENV_PREFIX, add_arguments, settings_from
+from service.settings import ENV_PREFIX, add_arguments, settings_from, to_environment
 
 log = logging.getLogger("service")
 
@@ -58,8 +59,15 @@ def main(argv: list[str] | None = None) -> None:
         read_manifest(settings.model)  # a clear one-line error instead of a failed startup's traceback
     except (ExportFormatError, OSError) as exc:
         build_parser().error(f"--model {settings.model}: {exc}")
+    if settings.workers > 1:  # uvicorn starts the processes; each builds its app from the environment
+        os.environ.update(to_environment(settings))
+        app: object = "service.app:app_from_environment"
+    else:
+        app = create_app(settings)
     uvicorn.run(
-        create_app(settings),
+        app,
+        factory=settings.workers > 1,
+        workers=settings.workers,
         host=settings.host,
         port=settings.port,
         log_config=None,  # keep the format set above

@@ -7,6 +7,7 @@ Every error is JSON ``{"message": ..., "detail": ...}`` whose message names the 
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from pipelines.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
@@ -31,6 +33,7 @@ from service.schemas import (
     RankedItem,
     RankRequest,
     RankResponse,
+    RecommendedItem,
     RecommendRequest,
     RecommendResponse,
     ReloadResponse,
@@ -38,7 +41,7 @@ from service.schemas import (
     ScoreRequest,
     ScoreResponse,
 )
-from service.settings import Settings
+from service.settings import Settings, settings_from
 
 log = logging.getLogger("service")
 
@@ -162,6 +165,14 @@ class LimitsAndMetricsMiddleware:
         await send({"type": "http.response.body", "body": body})
 
 
+def _json(body: BaseModel) -> Response:
+    """``body`` serialised by pydantic-core in one call: FastAPI would validate it again and walk it in Python.
+
+    The route's ``response_model`` still documents it in the OpenAPI schema.
+    """
+    return Response(body.model_dump_json(), media_type="application/json")
+
+
 def _rows_of(rows: list[Row]) -> tuple[list[list[int | None]], list[list[str | None]]]:
     return [r.dense for r in rows], [r.sparse for r in rows]
 
@@ -189,6 +200,8 @@ def create_app(settings: Settings) -> FastAPI:
         )
         await batcher.start()
         store.start_watching(settings.reload_interval_s)
+        gc.collect()
+        gc.freeze()  # the model's and the libraries' objects: out of every later collection (shorter pauses)
         yield
         await store.stop()
         await batcher.stop()
@@ -245,14 +258,14 @@ def create_app(settings: Settings) -> FastAPI:
             raise ServiceError(503, f"overloaded: {exc}; retry shortly", {"Retry-After": "1"}) from exc
 
     @app.post("/v1/score", response_model=ScoreResponse, tags=["model"])
-    async def score(body: ScoreRequest) -> ScoreResponse:
+    async def score(body: ScoreRequest) -> Response:
         """Click probability of each raw Criteo row, preprocessed exactly as in training."""
         model = served_model()
         scores = await score_rows(model, *_rows_of(body.rows))
-        return ScoreResponse(scores=scores.tolist(), model=model.version)
+        return _json(ScoreResponse.model_construct(scores=scores.tolist(), model=model.version))
 
     @app.post("/v1/rank", response_model=RankResponse, tags=["model"])
-    async def rank(body: RankRequest) -> RankResponse:
+    async def rank(body: RankRequest) -> Response:
         """Candidates sorted by click probability: each candidate is the context row with its own columns."""
         model = served_model()
         dense = [{_DENSE_INDEX[k]: v for k, v in c.dense.items()} for c in body.candidates]
@@ -263,8 +276,10 @@ def create_app(settings: Settings) -> FastAPI:
             raise ServiceError(422, str(exc)) from exc
         scores = await score_encoded(model, *encoded)
         order = np.argsort(-scores, kind="stable")[: body.top_k or len(scores)]
-        items = [RankedItem(id=body.candidates[i].id, score=float(scores[i]), index=int(i)) for i in order]
-        return RankResponse(items=items, model=model.version)
+        items = [
+            RankedItem.model_construct(id=body.candidates[i].id, score=float(scores[i]), index=int(i)) for i in order
+        ]
+        return _json(RankResponse.model_construct(items=items, model=model.version))
 
     @app.post(
         "/v1/recommend",
@@ -272,17 +287,50 @@ def create_app(settings: Settings) -> FastAPI:
         tags=["model"],
         responses={501: {"model": ErrorResponse, "description": "the model has no retrieval (LSH) layer"}},
     )
-    async def recommend(body: RecommendRequest) -> RecommendResponse:
-        """Top-K items retrieved by the model's LSH output layer, re-ranked by the DLRM."""
+    async def recommend(body: RecommendRequest) -> Response:
+        """Items retrieved by the export's LSH output layer from the user's history, re-ranked by the DLRM.
+
+        The history encoder gives the user's hidden vector; ``LSHOutputLayer.topk`` the ``candidates``
+        items of its buckets with the best inner product; each is put into the context row's re-rank
+        column (the manifest's ``retrieval.rerank``) and scored like a ``/v1/rank`` candidate.
+        """
         model = served_model()
-        if not model.manifest.get("retrieval"):
+        retrieval = model.retrieval
+        if retrieval is None:
             raise ServiceError(
                 501,
-                f"/v1/recommend needs an LSH output layer (recsys.lsh_output, issue 5) in the export; model "
-                f"{model.version} was exported from a DLRM checkpoint without one. Rank your own candidates "
-                "with POST /v1/rank.",
+                f"/v1/recommend needs an LSH output layer in the export; model {model.version} was exported "
+                "without one (export with `python -m pipelines.export ... --retrieval NEXT_ITEM_RUN --item-column "
+                "C?`). Rank your own candidates with POST /v1/rank.",
             )
-        raise ServiceError(501, "this service does not yet read the retrieval section of the export")
+        if body.top_k > body.candidates:
+            raise ServiceError(422, f"top_k: {body.top_k} is more than candidates ({body.candidates})")
+        try:
+            retrieval.classes_of(body.history)
+        except ValueError as exc:
+            raise ServiceError(422, str(exc)) from exc
+        items, retrieval_scores = await batcher.call(retrieval.retrieve, body.history, body.candidates)
+        if len(items) == 0:
+            return _json(RecommendResponse(items=[], retrieved=0, model=model.version))
+        overrides = [{retrieval.column_index: v} for v in retrieval.item_values(items)]
+        try:
+            encoded = model.encoder.encode_variants(
+                body.context.dense, body.context.sparse, [{}] * len(items), overrides
+            )
+        except ValueError as exc:
+            raise ServiceError(422, str(exc)) from exc
+        scores = await score_encoded(model, *encoded)
+        order = np.argsort(-scores, kind="stable")[: body.top_k]
+        answer = [
+            RecommendedItem.model_construct(
+                id=int(items[i]),
+                score=float(scores[i]),
+                retrieval_score=float(retrieval_scores[i]),
+                retrieval_rank=int(i),
+            )
+            for i in order
+        ]
+        return _json(RecommendResponse.model_construct(items=answer, retrieved=len(items), model=model.version))
 
     @app.get("/v1/model", tags=["operations"])
     async def model_summary() -> dict:
@@ -321,3 +369,12 @@ def create_app(settings: Settings) -> FastAPI:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     return app
+
+
+def app_from_environment() -> FastAPI:
+    """The app of ``RECSYS_*`` environment settings: what each of ``--workers N`` processes runs."""
+    from service.__main__ import setup_logging
+
+    settings = settings_from(None)
+    setup_logging(settings.log_level)
+    return create_app(settings)

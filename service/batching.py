@@ -16,8 +16,10 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -25,6 +27,7 @@ from pipelines.export_format import ExportedModel
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class QueueFullError(RuntimeError):
@@ -93,6 +96,10 @@ class MicroBatcher:
         if self.metrics:
             self.metrics.queue_depth.set(self._queue.qsize())
         return await future
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the forward-pass thread: other torch work (retrieval) never runs beside a pass."""
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
     async def _next_batch(self) -> list[_Job]:
         assert self._queue is not None

@@ -94,3 +94,5 @@ def _warm_up(model: ExportedModel) -> None:
     dense = [[0] * len(features.dense_columns)] * 4
     sparse = [[None] * len(features.sparse_columns)] * 4
     model.score_rows(dense, sparse)
+    if model.retrieval is not None:
+        model.recommend([], dense[0], sparse[0], k=1, candidates=10)

@@ -94,13 +94,35 @@ class RankResponse(BaseModel):
     model: str
 
 
+MAX_HISTORY = 1000
+MAX_ITEM_ID = 2**32 - 1  # an item id must fit a categorical value of at most 8 hex digits
+
+
 class RecommendRequest(_Strict):
-    context: Row
+    """A user: their recent items and their context row; the answer is items the DLRM scores best."""
+
+    context: Row = Field(description="the user / context row; each recommended item is scored in its re-rank column")
+    history: list[Annotated[int, Field(strict=True, ge=0, le=MAX_ITEM_ID)]] = Field(
+        default_factory=list,
+        max_length=MAX_HISTORY,
+        description="the user's recent item ids (the catalogue's), oldest first; the model reads the most recent ones",
+    )
     top_k: int = Field(default=10, ge=1, le=1000, description="items to return")
+    candidates: int = Field(
+        default=100, ge=1, le=MAX_CANDIDATES, description="items retrieved from the LSH tables and re-ranked (>= top_k)"
+    )
+
+
+class RecommendedItem(BaseModel):
+    id: int = Field(description="item id of the catalogue")
+    score: float = Field(description="click probability by the DLRM (the order of the answer)")
+    retrieval_score: float = Field(description="inner product of the user's hidden vector and the item's weight")
+    retrieval_rank: int = Field(description="position among the retrieved candidates (0 = best retrieval score)")
 
 
 class RecommendResponse(BaseModel):
-    items: list[RankedItem]
+    items: list[RecommendedItem] = Field(description="items by decreasing DLRM score (ties: retrieval order)")
+    retrieved: int = Field(description="candidates the LSH tables gave (at most `candidates`)")
     model: str
 
 

@@ -40,11 +40,19 @@ class Settings:
         default=0.0, metadata=_help("check the export directory for a new version every N seconds (0: never)")
     )
     torch_threads: int = field(default=1, metadata=_help("torch intra-op threads of the forward pass"))
+    workers: int = field(
+        default=1,
+        metadata=_help(
+            "server processes sharing the port, each with its own model and batcher (one per core: the GIL "
+            "makes one process use about one core); POST /v1/admin/reload reaches one of them, so use "
+            "--reload-interval-s with several"
+        ),
+    )
     access_log: bool = field(default=False, metadata=_help("log every request (uvicorn's access log)"))
     log_level: str = field(default="info", metadata=_help("debug, info, warning or error"))
 
     def __post_init__(self) -> None:
-        for name in ("port", "max_batch_rows", "max_queue", "max_body_bytes", "torch_threads"):
+        for name in ("port", "max_batch_rows", "max_queue", "max_body_bytes", "torch_threads", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("max_wait_ms", "reload_interval_s"):
@@ -76,6 +84,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=_converter(hints[f.name]), default=None, help=help_text)
+
+
+def to_environment(settings: Settings) -> dict[str, str]:
+    """``settings`` as ``RECSYS_*`` variables: how worker processes started by uvicorn receive them."""
+    out = {}
+    for f in dataclasses.fields(Settings):
+        value = getattr(settings, f.name)
+        out[ENV_PREFIX + f.name.upper()] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    return out
 
 
 def settings_from(args: argparse.Namespace | None = None, environ: typing.Mapping[str, str] | None = None) -> Settings:

@@ -1,5 +1,6 @@
-"""Fixtures of the service tests: two tiny trained runs (dense and TT with an LFU cache), their exports,
-a live ``python -m service`` on loopback, and fresh random raw Criteo rows."""
+"""Fixtures of the service tests: two tiny trained runs (dense and TT with an LFU cache), a tiny next-item
+run with an LSH output layer, their exports (with and without retrieval), a live ``python -m service`` on
+loopback, and fresh random raw Criteo rows."""
 
 from __future__ import annotations
 
@@ -19,6 +20,8 @@ from pipelines.export import export_checkpoint
 from pipelines.generate import generate_tsv
 from pipelines.preprocess import PreprocessConfig, Preprocessor
 from pipelines.train import TrainConfig, Trainer
+from pipelines.train_next_item import NextItemConfig
+from pipelines.train_next_item import run as train_next_item
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = dict(batch_size=256, eval_batch_size=2048, checkpoint_every=0, shuffle_buffer=4096, log_every=5, seed=0)
@@ -81,6 +84,43 @@ def dense_export(dense_run, tmp_path_factory) -> Path:
 def tt_export(tt_run, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("exports") / "tt"
     export_checkpoint(tt_run, out)
+    return out
+
+
+NUM_ITEMS = 300
+ITEM_COLUMN = "C3"
+
+
+@pytest.fixture(scope="session")
+def next_item_run(tmp_path_factory) -> Path:
+    """A next-item model (history encoder + learned LSH output layer) over 300 items, one short epoch."""
+    root = tmp_path_factory.mktemp("next_item")
+    rng = np.random.default_rng(3)
+    lines = []
+    for user in range(1, 601):  # users walk the catalogue with a stride of their own: histories predict items
+        start, stride, length = rng.integers(1, NUM_ITEMS + 1), rng.integers(1, 4), rng.integers(4, 14)
+        items = (start - 1 + stride * np.arange(length)) % NUM_ITEMS + 1
+        lines.append(" ".join(str(v) for v in [user, *items.tolist()]))
+    (root / "sequences.txt").write_text("\n".join(lines) + "\n")
+    config = NextItemConfig(
+        epochs=2, batch_size=128, hidden=32, item_dim=16, max_len=10, lsh_tables=6, lsh_bits=4, sample_size=96,
+        hash_every=10, eval_batch_size=512, device="cpu", seed=0,
+    )  # fmt: skip
+    train_next_item(config, root / "sequences.txt", root / "run", progress=False)
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def tt_retrieval_export(tt_run, next_item_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "tt_retrieval"
+    export_checkpoint(tt_run, out, retrieval=next_item_run, item_column=ITEM_COLUMN)
+    return out
+
+
+@pytest.fixture(scope="session")
+def dense_retrieval_export(dense_run, next_item_run, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("exports") / "dense_retrieval"
+    export_checkpoint(dense_run, out, retrieval=next_item_run, item_column=ITEM_COLUMN)
     return out
 
 

@@ -22,6 +22,8 @@ from pipelines.export_format import (
     FEATURES_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
+    RETRIEVAL_FILE,
+    RETRIEVAL_LAYER_KEYS,
     ExportFormatError,
     FeatureEncoder,
     load_exported,
@@ -33,7 +35,7 @@ from pipelines.preprocess import PreprocessConfig, Preprocessor, load_metadata
 from pipelines.train import TrainConfig, Trainer
 from pipelines.tsv import MalformedReport, read_log
 
-from .conftest import REPO
+from .conftest import ITEM_COLUMN, NUM_ITEMS, REPO
 
 
 @pytest.mark.parametrize("kind", ["dense", "tt"])
@@ -97,6 +99,12 @@ def test_encoder_maps_raw_rows_as_preprocessing_does(vocab, raw_log, tmp_path):
     written = pq.read_table(out / metadata["splits"]["train"]["shards"][0]["file"]).slice(0, 3000)
     np.testing.assert_array_equal(got_dense, np.stack([written[c].to_numpy() for c in DENSE_COLUMNS], 1))
     np.testing.assert_array_equal(got_ids, np.stack([written[c].to_numpy() for c in SPARSE_COLUMNS], 1))
+    # a few rows at a time take the small-input path (int(v, 16), no Arrow): the same ids
+    rows = [list(r) for r in zip(*dense, strict=True)], [list(r) for r in zip(*sparse, strict=True)]
+    small = [encoder.encode(rows[0][i : i + 7], rows[1][i : i + 7]) for i in range(0, 700, 7)]
+    assert 7 * 26 <= encoder.SMALL_INPUT < 3000 * 26
+    np.testing.assert_array_equal(np.concatenate([d for d, _ in small]), got_dense[:700])
+    np.testing.assert_array_equal(np.concatenate([i for _, i in small]), got_ids[:700])
     assert (got_ids > 1).mean() > 0.5  # most values were in the vocabulary: the test compares real ids
 
 
@@ -106,6 +114,11 @@ def test_encoder_names_the_bad_value(dense_export):
     encoder.encode(*good)
     with pytest.raises(ValueError, match=r"rows\[0\]\.sparse\[4\]: 'xyz'"):
         encoder.encode([[1] * 13], [["a"] * 4 + ["xyz"] + ["a"] * 21])
+    for bad in ("abc\n", " a", "a_b", "123456789", 12):  # int(v, 16) would take the first three
+        with pytest.raises(ValueError, match=r"rows\[1\]\.sparse\[2\]"):
+            encoder.encode([[1] * 13] * 2, [["a"] * 26, ["a", "b", bad] + ["a"] * 23])
+        with pytest.raises(ValueError, match=r"rows\[100\]\.sparse\[2\]"):  # the Arrow path
+            encoder.encode([[1] * 13] * 101, [["a"] * 26] * 100 + [["a", "b", bad] + ["a"] * 23])
     with pytest.raises(ValueError, match=r"rows\[0\]\.dense\[2\]"):
         encoder.encode([[1, 2, 10**19] + [1] * 10], [["a"] * 26])
     with pytest.raises(ValueError, match=r"rows\[0\]\.dense: 12 values"):
@@ -231,3 +244,34 @@ def test_export_help_names_every_flag(capsys):
     text = capsys.readouterr().out
     for flag in ("--checkpoint", "--out", "--data", "--core-dtype", "--evaluate", "--max-auc-drop", "--version"):
         assert flag in text
+
+
+def test_retrieval_round_trip_and_tamper(dense_retrieval_export, next_item_run, tmp_path):
+    """retrieval.safetensors holds the next-item checkpoint's encoder and LSH tables bit for bit, sha256-checked."""
+    checkpoint = latest_checkpoint(next_item_run / "checkpoints")
+    trained = load_checkpoint_tensors(checkpoint, prefix="model.")
+    manifest = read_manifest(dense_retrieval_export)
+    stored = read_tensors(dense_retrieval_export, manifest, RETRIEVAL_FILE)
+    for name in [k for k in trained if k.startswith("encoder.")] + [f"output.{k}" for k in RETRIEVAL_LAYER_KEYS]:
+        assert torch.equal(stored[name], trained[name]), name
+    assert not any("pair_" in k or "scheduler" in k for k in stored)  # training-only state stays out
+    section = manifest["retrieval"]
+    assert section["rerank"]["column"] == ITEM_COLUMN and section["encoder"]["num_items"] == NUM_ITEMS
+    retrieval = load_exported(dense_retrieval_export).retrieval
+    assert torch.equal(retrieval.layer.members, trained["output.members"])
+    target = _copy(dense_retrieval_export, tmp_path)
+    data = bytearray((target / RETRIEVAL_FILE).read_bytes())
+    data[len(data) // 3] ^= 0x01
+    (target / RETRIEVAL_FILE).write_bytes(bytes(data))
+    with pytest.raises(ExportFormatError, match=r"retrieval\.safetensors: sha256"):
+        load_exported(target)
+
+
+def test_retrieval_export_refuses_bad_arguments(dense_run, next_item_run, tmp_path):
+    with pytest.raises(ValueError, match="--item-column"):
+        export_checkpoint(dense_run, tmp_path / "a", retrieval=next_item_run)
+    with pytest.raises(ValueError, match="--item-column 'C99'"):
+        export_checkpoint(dense_run, tmp_path / "a", retrieval=next_item_run, item_column="C99")
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        export_checkpoint(dense_run, tmp_path / "a", retrieval=tmp_path, item_column="C3")
+    assert not (tmp_path / "a").exists()

@@ -12,28 +12,32 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipelines.checkpoint import latest_checkpoint
 from pipelines.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
-from pipelines.export import export_checkpoint
+from pipelines.export import export_checkpoint, load_checkpoint_tensors
 from pipelines.export_format import MODEL_FILE, load_exported
+from pipelines.output_layer_training import EncoderWithOutput, build_output_layer
+from pipelines.train_next_item import HistoryEncoder, NextItemConfig
 from service.app import create_app
 from service.settings import Settings, settings_from
 
-from .conftest import REPO, LiveServer, random_rows
+from .conftest import ITEM_COLUMN, NUM_ITEMS, REPO, LiveServer, random_rows
 
 
 @pytest.fixture(scope="module")
-def live(tt_export):
-    server = LiveServer(tt_export, "--max-wait-ms", "2", "--max-body-bytes", "200000")
+def live(tt_retrieval_export):
+    server = LiveServer(tt_retrieval_export, "--max-wait-ms", "2", "--max-body-bytes", "200000")
     yield server
     server.stop()
 
 
 @pytest.fixture(scope="module")
-def offline(tt_export):
-    return load_exported(tt_export)
+def offline(tt_retrieval_export):
+    return load_exported(tt_retrieval_export)
 
 
 def _body(dense, sparse) -> dict:
@@ -125,11 +129,83 @@ def test_bad_rank_input_names_the_field(live):
     assert status == 422 and "not valid JSON" in answer["message"], answer
 
 
+def _trained_next_item(run):
+    """The next-item model restored from its own checkpoint with the training code: the offline reference."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    config = NextItemConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in metrics["config"].items()})
+    state = load_checkpoint_tensors(latest_checkpoint(run / "checkpoints"), prefix="model.")
+    num_items = state["output.weight"].shape[0]
+    encoder = HistoryEncoder(num_items, config.max_len, config.item_dim, config.hidden, config.dropout)
+    model = EncoderWithOutput(encoder, build_output_layer(config, num_items))
+    model.load_state_dict(state)  # strict: every tensor of the checkpoint
+    return model.eval(), config
+
+
+@torch.no_grad()
+def _offline_recommend(model, config, offline, history, context, top_k, candidates):
+    """History -> encoder -> LSHOutputLayer.topk -> items put into the re-rank column -> DLRM scores -> top-k."""
+    padded = torch.full((1, config.max_len), -1, dtype=torch.int64)
+    recent = torch.tensor(history[-config.max_len :], dtype=torch.int64) - 1  # item ids are classes + 1
+    if recent.numel():
+        padded[0, -recent.numel() :] = recent
+    retrieval_scores, classes = model.output.topk(model.encoder(padded), candidates)
+    keep = classes[0] >= 0
+    items, retrieval_scores = (classes[0][keep] + 1).tolist(), retrieval_scores[0][keep].double().numpy()
+    column = SPARSE_COLUMNS.index(ITEM_COLUMN)
+    sparse = [[*context["sparse"][:column], f"{item:x}", *context["sparse"][column + 1 :]] for item in items]
+    scores = offline.score_rows([context["dense"]] * len(items), sparse)
+    order = np.argsort(-scores, kind="stable")[:top_k]
+    return [items[i] for i in order], scores[order], retrieval_scores[order], len(items)
+
+
+def test_recommend_equals_offline_retrieval_and_dlrm_scores(live, offline, next_item_run):
+    model, config = _trained_next_item(next_item_run)
+    rng = np.random.default_rng()
+    histories = [[], [5], rng.integers(1, NUM_ITEMS + 1, 4).tolist(), rng.integers(1, NUM_ITEMS + 1, 25).tolist()]
+    varied = 0
+    for history in histories:
+        (dense,), (sparse,) = random_rows(rng, 1, hot=5000)
+        context = {"dense": dense, "sparse": sparse}
+        body = {"context": context, "history": history, "top_k": 10, "candidates": 40}
+        status, answer = live.post("/v1/recommend", body)
+        assert status == 200, answer
+        items, scores, retrieval_scores, retrieved = _offline_recommend(
+            model, config, offline, history, context, 10, 40
+        )
+        assert answer["model"] == offline.version and answer["retrieved"] == retrieved >= 10
+        assert [item["id"] for item in answer["items"]] == items
+        np.testing.assert_allclose([item["score"] for item in answer["items"]], scores, rtol=0, atol=1e-6)
+        np.testing.assert_allclose([i["retrieval_score"] for i in answer["items"]], retrieval_scores, rtol=0, atol=1e-6)
+        assert offline.recommend(history, dense, sparse, 10, 40) == [
+            (i["id"], pytest.approx(i["score"], abs=1e-6), pytest.approx(i["retrieval_score"], abs=1e-6))
+            for i in answer["items"]
+        ]
+        varied += np.std(scores) > 0 and [i["retrieval_rank"] for i in answer["items"]] != list(range(10))
+    assert varied, "the DLRM never reordered the retrieved items: the re-rank compared constants"
+
+
+@pytest.mark.parametrize(
+    ("update", "field"),
+    [
+        ({"history": ["x"]}, "history[0]"),
+        ({"history": [1, NUM_ITEMS + 7]}, "history[1]"),
+        ({"history": [-1]}, "history[0]"),
+        ({"top_k": 50, "candidates": 20}, "top_k"),
+        ({"candidates": 0}, "candidates"),
+        ({"context": {"dense": [1] * 13, "sparse": ["a"] * 25 + ["xyz"]}}, "context.sparse[25]"),
+        ({"user": 3}, "user"),
+    ],
+)
+def test_bad_recommend_input_is_a_422_naming_the_field(live, update, field):
+    body = {"context": {"dense": [1] * 13, "sparse": ["a"] * 26}, "history": [1, 2], **update}
+    status, answer = live.post("/v1/recommend", body)
+    assert status == 422, answer
+    assert answer["message"].startswith(field + ":"), answer["message"]
+
+
 def test_limits_recommend_and_operations(live, offline):
     status, answer = live.post("/v1/score", raw=b" " * 300_000)
     assert status == 413 and "limit" in answer["message"]
-    status, answer = live.post("/v1/recommend", {"context": {"dense": [1] * 13, "sparse": ["a"] * 26}})
-    assert status == 501 and "LSH output layer" in answer["message"]
     assert live.get("/healthz") == (200, {"status": "ok", "model": offline.version})
     assert live.get("/readyz")[0] == 200
     status, summary = live.get("/v1/model")
@@ -215,10 +291,27 @@ def test_in_process_app_and_settings(dense_export, monkeypatch):
         dense, sparse = random_rows(np.random.default_rng(), 5, hot=100)
         answer = client.post("/v1/score", json=_body(dense, sparse)).json()
         np.testing.assert_allclose(answer["scores"], load_exported(dense_export).score_rows(dense, sparse), atol=1e-6)
+        answer = client.post("/v1/recommend", json={"context": {"dense": [1] * 13, "sparse": ["a"] * 26}})
+        assert answer.status_code == 501 and "LSH output layer" in answer.json()["message"]  # no --retrieval
         schema = client.get("/openapi.json").json()
         assert {"/v1/score", "/v1/rank", "/v1/recommend", "/v1/model", "/healthz", "/readyz", "/metrics"} <= set(
             schema["paths"]
         )
+
+
+def test_several_worker_processes_serve_the_same_scores(dense_export):
+    """``--workers 2``: uvicorn starts two processes, each building its app from the RECSYS_* environment."""
+    server = LiveServer(dense_export, "--workers", "2")
+    try:
+        dense, sparse = random_rows(np.random.default_rng(), 16, hot=100)
+        expected = load_exported(dense_export).score_rows(dense, sparse)
+        for _ in range(4):
+            status, body = server.post("/v1/score", _body(dense, sparse))
+            assert status == 200, body
+            np.testing.assert_allclose(body["scores"], expected, rtol=0, atol=1e-6)
+    finally:
+        server.stop()
+    assert "Traceback" not in server.log.read_text()
 
 
 def test_service_help_names_every_flag():
@@ -226,7 +319,8 @@ def test_service_help_names_every_flag():
         [sys.executable, "-m", "service", "--help"], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout
     for flag in ("--model", "--host", "--port", "--max-batch-rows", "--max-wait-ms", "--max-queue", "--max-body-bytes",
-                 "--reload-interval-s", "--torch-threads", "--access-log", "--log-level", "RECSYS_MODEL"):  # fmt: skip
+                 "--reload-interval-s", "--torch-threads", "--workers", "--access-log", "--log-level",
+                 "RECSYS_MODEL"):  # fmt: skip
         assert flag in text, flag
 
 
