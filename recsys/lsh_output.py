@@ -60,6 +60,7 @@ Labels = torch.Tensor | Sequence[Sequence[int]] | tuple[torch.Tensor, torch.Tens
 """One class id per row ``(B,)``; or label lists: a list of lists, or CSR ``(values, offsets (B+1,))``."""
 
 _HASH_CHUNK = 65_536
+_FINGERPRINT_CHUNK = 16_384
 
 
 def _stream_seed(seed: int, stream: int, step: int = 0) -> int:
@@ -101,7 +102,7 @@ class LSHConfig:
     pair_buffer: int = 8192  # (hidden, positive, negative) triplets kept from training
     pairs_per_step: int = 64  # triplets collected per training step
     schedule: Schedule = "mongoose"
-    drift_threshold: float = 0.05  # MONGOOSE: rebuild when this fraction of moved classes' codes is stale
+    drift_threshold: float = 0.05  # MONGOOSE: rebuild when this fraction of the tables' entries is stale
     drift_probe: int = 4096  # classes (drawn from the seed and the step) whose codes the drift check rehashes
     rebuild_period: int = 50  # fixed schedule (SLIDE): steps between rebuilds
     rebuild_mode: Literal["changed", "full"] = "changed"  # rehash only rows trained since, or all
@@ -247,14 +248,22 @@ class LSHOutputLayer(nn.Module):
         alone: every replica holding the same weights finds the same rows, whatever its own batches.
         """
         weight = self.weight.detach()
-        int_type = {2: torch.int16, 4: torch.int32, 8: torch.int64}[weight.element_size()]
+        row_bytes = weight.shape[1] * weight.element_size()
+        if row_bytes % 8 == 0:  # a row read as 64-bit words: no widening copy (the full pass is memory-bound)
+            int_type, words = torch.int64, row_bytes // 8
+        else:
+            int_type, words = {2: torch.int16, 4: torch.int32, 8: torch.int64}[weight.element_size()], weight.shape[1]
+        multipliers = self.fingerprint_multipliers[:words]
 
         def fingerprint(w: torch.Tensor) -> torch.Tensor:
-            return (w.contiguous().view(int_type).to(torch.int64) * self.fingerprint_multipliers).sum(-1)
+            return (w.contiguous().view(int_type).to(torch.int64) * multipliers).sum(-1)
 
         if rows is not None:
             return fingerprint(weight[rows])
-        return torch.cat([fingerprint(weight[i : i + _HASH_CHUNK]) for i in range(0, self.num_classes, _HASH_CHUNK)])
+        # chunks small enough that the product stays in cache: 10x faster than one pass over 670K rows
+        return torch.cat(
+            [fingerprint(weight[i : i + _FINGERPRINT_CHUNK]) for i in range(0, self.num_classes, _FINGERPRINT_CHUNK)]
+        )
 
     @torch.no_grad()
     def changed_rows(self) -> torch.Tensor:
@@ -288,7 +297,13 @@ class LSHOutputLayer(nn.Module):
 
     @torch.no_grad()
     def measure_drift(self) -> float:
-        """Fraction of stale (class, table) codes among the probe classes that moved since their last hashing.
+        """Fraction of the tables' (class, table) entries that are stale, estimated on the probe classes.
+
+        An entry is stale when the class's current weight hashes to another bucket in that table; only
+        the probe classes whose weight moved since their last hashing can be stale, so only those are
+        rehashed. The fraction is over *all* probe entries, not only the moved classes': with sparse
+        updates (a sampled softmax touches a few thousand rows a step) it grows with how many classes
+        moved as well as how far, which is what makes retrieval go wrong.
 
         The probe (``drift_probe`` classes) is drawn from a generator seeded by the config seed and the
         step count, and the codes are computed from the weights: the value, and so the schedule's
@@ -298,7 +313,8 @@ class LSHOutputLayer(nn.Module):
         moved = probe[self._fingerprint(probe) != self.fingerprints[probe]]
         if moved.numel() == 0:
             return 0.0
-        return float((self._hash_rows(moved) != self.codes[moved]).double().mean())
+        stale = (self._hash_rows(moved) != self.codes[moved]).sum()
+        return float(stale) / (probe.numel() * self.config.num_tables)
 
     def _maybe_rebuild(self) -> None:
         """Before a step: measure the drift (mongoose), then rebuild if the schedule says so.
