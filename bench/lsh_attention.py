@@ -5,7 +5,7 @@ Example::
     python -m bench.lsh_attention                       # n = 512 ... 16384, batch 1, 4 heads, d 64
     python -m bench.lsh_attention --sizes 512,1024 --repeats 1 --plot /tmp/attn.png
 
-One process. For each n and method: forward and forward+backward wall time (best of
+One process. For each n and method: forward and forward+backward wall time (median of
 ``--repeats``) and peak live tensor bytes (:class:`PeakMemory`), printed as ratios against
 dense attention (``scaled_dot_product_attention``; on CPU torch runs a blocked flash kernel
 there, so its memory is already linear) and against the materialised ``softmax(QK^T)V``
@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import argparse
 import gc
+import platform
+import statistics
 import time
 import weakref
 from collections.abc import Callable
@@ -104,7 +106,7 @@ def _methods(head_dim: int) -> dict[str, Callable]:
 
 
 def measure(fn: Callable, n: int, heads: int, dim: int, backward: bool, repeats: int) -> tuple[float, int]:
-    """(best seconds, peak bytes) of one forward (and backward) at length ``n``."""
+    """(median seconds, peak bytes) of one forward (and backward) at length ``n``."""
     q, k, v = (torch.randn(1, heads, n, dim, requires_grad=backward) for _ in range(3))
 
     def run() -> None:
@@ -112,7 +114,7 @@ def measure(fn: Callable, n: int, heads: int, dim: int, backward: bool, repeats:
         if backward:
             out.sum().backward()
 
-    best = float("inf")
+    times = []
     for _ in range(repeats):
         gc.collect()
         start = time.perf_counter()
@@ -121,7 +123,7 @@ def measure(fn: Callable, n: int, heads: int, dim: int, backward: bool, repeats:
         else:
             with torch.no_grad():
                 run()
-        best = min(best, time.perf_counter() - start)
+        times.append(time.perf_counter() - start)
         for x in (q, k, v):
             x.grad = None
     gc.collect()
@@ -131,7 +133,7 @@ def measure(fn: Callable, n: int, heads: int, dim: int, backward: bool, repeats:
         else:
             with torch.no_grad():
                 run()
-    return best, mem.peak_bytes
+    return statistics.median(times), mem.peak_bytes
 
 
 def crossing(sizes: list[int], ratios: list[float | None]) -> int | None:
@@ -181,7 +183,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--sizes", default="512,1024,2048,4096,8192,16384", help="sequence lengths, comma-separated")
     p.add_argument("--heads", type=int, default=4, help="attention heads (batch is 1)")
     p.add_argument("--dim", type=int, default=64, help="head width d")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per point (best is kept)")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per point (the median is kept)")
     p.add_argument(
         "--methods",
         default="dense,materialised,reformer,smyrf,yoso,learned_lsh",
@@ -194,6 +196,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
+    machine = f"{platform.machine()} {platform.processor() or 'cpu'}, {torch.get_num_threads()} torch threads"
+    print(f"machine: {machine}, torch {torch.__version__}; batch 1, {args.heads} heads, d {args.dim}; "
+          f"medians of {args.repeats} runs")  # fmt: skip
     methods = {name: fn for name, fn in _methods(args.dim).items() if name in args.methods.split(",")}
     results: dict[str, dict] = {name: {} for name in methods}
     for n in sizes:

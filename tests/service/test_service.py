@@ -352,6 +352,10 @@ def test_compose_file_references_what_exists():
         if line.startswith("COPY ") and "--from" not in line:
             for source in line.split()[1:-1]:
                 assert (REPO / source).exists(), f"Dockerfile copies {source}, which does not exist"
+    multi = services["trainer-multi"]
+    assert multi["profiles"] == ["multiworker"], "multi-worker training must not start with a plain `up`"
+    multi_command = " ".join(multi["command"])
+    assert "torchrun" in multi_command and "-m pipelines.train" in multi_command and "--data-streams" in multi_command
     commands = json.dumps(services)
     for module in ("pipelines.export", "service", "pipelines.train", "pipelines.preprocess"):
         assert (REPO / (module.replace(".", "/") + ".py")).exists() or (REPO / module / "__main__.py").exists()
