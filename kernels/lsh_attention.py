@@ -354,10 +354,91 @@ def _weighted_bucket_transfer(
 ) -> torch.Tensor:
     """``out_i = mean_r sum_{j: code_r(j) = code_r(i)} (dst_weights_i . src_weights_j) src_rows_j``.
 
-    The weight is a dot product, so the sum splits into ``e`` bucket sums of ``src_weights_jt
-    src_rows_j`` (done ``block`` coordinates at a time, bounding memory to
-    ``N m n_buckets block d``). ``src_*`` are ``(N, n, .)`` rows of the side whose codes are
-    summed, ``dst_*`` the side that reads them.
+    ``src_*`` are ``(N, n, .)`` rows of the side whose codes are summed, ``dst_*`` the side that
+    reads them. Two exact ways (equal to rounding, tested): grouped GEMMs when buckets hold many
+    rows on average (long sequences; 11x faster at n = 8192, 256 buckets, d = dv = 64), scattered
+    outer products otherwise (short sequences, many small buckets, where sorting costs more).
+    """
+    n = src_codes.shape[-1]
+    if n >= _GROUPED_MIN_BUCKET_ROWS * n_buckets and src_weights.shape[-1] * src_rows.shape[-1] >= 1024:
+        return _weighted_bucket_transfer_grouped(src_codes, dst_codes, src_rows, src_weights, dst_weights, n_buckets)
+    return _weighted_bucket_transfer_scattered(
+        src_codes, dst_codes, src_rows, src_weights, dst_weights, n_buckets, block
+    )
+
+
+_GROUPED_MIN_BUCKET_ROWS = 8  # average rows per bucket from which grouped GEMMs beat scattered sums (measured)
+
+
+def _bucket_pieces(keys: torch.Tensor, num_keys: int, piece: int) -> tuple[torch.Tensor, ...]:
+    """Rows grouped by key and cut into pieces of at most ``piece`` rows (no piece mixes two keys).
+
+    Returns ``order`` (rows sorted by key), each sorted row's ``piece_id`` and ``slot`` in its piece,
+    and each piece's key ``piece_key`` ``(P,)``.
+    """
+    order = torch.argsort(keys, stable=True)
+    counts = torch.bincount(keys, minlength=num_keys)
+    starts = counts.cumsum(0) - counts
+    sorted_keys = keys[order]
+    rank = torch.arange(keys.numel(), device=keys.device) - starts[sorted_keys]
+    piece_counts = (counts + piece - 1) // piece
+    piece_starts = piece_counts.cumsum(0) - piece_counts
+    num_pieces = int(piece_counts.sum())
+    piece_key = torch.repeat_interleave(
+        torch.arange(num_keys, device=keys.device), piece_counts, output_size=num_pieces
+    )
+    return order, piece_starts[sorted_keys] + rank // piece, rank % piece, piece_key
+
+
+def _packed(x: torch.Tensor, pieces: tuple[torch.Tensor, ...], piece: int) -> torch.Tensor:
+    """``(rows, e)`` -> ``(P, piece, e)``: each piece's rows, zero-padded."""
+    order, piece_id, slot, piece_key = pieces
+    out = x.new_zeros(piece_key.numel(), piece, x.shape[-1])
+    out[piece_id, slot] = x[order]
+    return out
+
+
+def _weighted_bucket_transfer_grouped(
+    src_codes: torch.Tensor,
+    dst_codes: torch.Tensor,
+    src_rows: torch.Tensor,
+    src_weights: torch.Tensor,
+    dst_weights: torch.Tensor,
+    n_buckets: int,
+) -> torch.Tensor:
+    """Per hash: ``M_b = sum_{j in b} src_weights_j src_rows_j^T`` by batched GEMMs over pieces of each
+    bucket, then ``out_i += dst_weights_i M_{b(i)}`` likewise. Each ``(e, d)`` bucket matrix is read once
+    per piece instead of once per row. Memory ``O(N n_buckets e d + (N n + N n_buckets piece)(e + d))``.
+    """
+    N, m, n = src_codes.shape
+    e, d = src_weights.shape[-1], src_rows.shape[-1]
+    device = src_rows.device
+    num_keys = N * n_buckets
+    sequence_offset = (torch.arange(N, device=device) * n_buckets)[:, None]  # (N, 1)
+    piece = int(min(32, 2 ** math.floor(math.log2(max(1, n // n_buckets)))))
+    rows, src_w, dst_w = src_rows.reshape(N * n, d), src_weights.reshape(N * n, e), dst_weights.reshape(N * n, e)
+    out = torch.zeros(N * n, d, device=device, dtype=src_rows.dtype)
+    for r in range(m):
+        src = _bucket_pieces((src_codes[:, r] + sequence_offset).reshape(-1), num_keys, piece)
+        partial = torch.bmm(_packed(src_w, src, piece).transpose(1, 2), _packed(rows, src, piece))  # (P, e, d)
+        table = partial.new_zeros(num_keys, e, d).index_add_(0, src[3], partial)
+        dst = _bucket_pieces((dst_codes[:, r] + sequence_offset).reshape(-1), num_keys, piece)
+        read = torch.bmm(_packed(dst_w, dst, piece), table[dst[3]])  # (P, piece, d)
+        out.index_add_(0, dst[0], read[dst[1], dst[2]])
+    return (out / m).view(N, n, d)
+
+
+def _weighted_bucket_transfer_scattered(
+    src_codes: torch.Tensor,
+    dst_codes: torch.Tensor,
+    src_rows: torch.Tensor,
+    src_weights: torch.Tensor,
+    dst_weights: torch.Tensor,
+    n_buckets: int,
+    block: int,
+) -> torch.Tensor:
+    """The weight is a dot product, so the sum splits into ``e`` bucket sums of ``src_weights_jt
+    src_rows_j`` (done ``block`` coordinates at a time, bounding memory to ``N m n_buckets block d``).
     """
     out = torch.zeros(*dst_weights.shape[:2], src_rows.shape[-1], device=src_rows.device, dtype=src_rows.dtype)
     e = src_weights.shape[-1]

@@ -27,9 +27,14 @@ class LearnedLSHAttention(ReformerAttention):
     should share their bucket, the worst-scoring should not
     (``kernels.lsh_attention.collision_triplet_loss``). When to train is decided by
     ``recsys.lsh_scheduler.RebuildScheduler``: in training mode every call measures the
-    drift, the fraction of (query, best key) pairs the current hash splits; under
-    ``"mongoose"`` the hash is retrained (``hash_steps`` Adam steps on this call's
-    detached ``q, k``) only when the drift exceeds ``threshold``.
+    miss rate, the fraction of (query, best key) pairs the current hash splits, and the
+    drift, how far it has risen above the miss rate measured right after the last training
+    (``miss_baseline``; 0 before the first). Under ``"mongoose"`` the hash is retrained
+    (``hash_steps`` Adam steps on this call's detached ``q, k``) only when the drift exceeds
+    ``threshold``: when the queries and keys have moved away from what the rotations were
+    trained on, not merely because some pairs are always split (with ``n_buckets`` buckets
+    a trained hash still splits a share of them, and retraining every step then never lets
+    the model settle on a hash).
 
     Args:
         head_dim: ``d`` of the queries and keys (the rotations' size is fixed).
@@ -56,7 +61,7 @@ class LearnedLSHAttention(ReformerAttention):
         causal: bool = False,
         dedupe: bool = True,
         schedule: str = "mongoose",
-        threshold: float = 0.3,
+        threshold: float = 0.1,
         period: int = 10,
         hash_lr: float = 0.01,
         hash_steps: int = 5,
@@ -76,6 +81,8 @@ class LearnedLSHAttention(ReformerAttention):
         super().__init__(bucket_size, n_hashes, n_buckets, shared_qk=False, causal=causal, dedupe=dedupe)
         self.head_dim = head_dim
         self.register_buffer("hash_rotations", random_rotations(head_dim, n_hashes, n_buckets))
+        self.register_buffer("miss_baseline", torch.zeros((), dtype=torch.float64))
+        self.register_buffer("miss_rate", torch.zeros((), dtype=torch.float64))
         self.scheduler = RebuildScheduler(schedule, threshold=threshold, period=period)
         self.hash_lr, self.hash_steps = hash_lr, hash_steps
         self.temperature, self.margin = temperature, margin
@@ -115,10 +122,16 @@ class LearnedLSHAttention(ReformerAttention):
             self.scheduler.step()
             with torch.no_grad():
                 triplets = mine_triplets(q, k, self.n_queries, self.n_candidates, key_valid)
-                self.scheduler.record_drift(collision_miss_rate(q, k, self.hash_rotations.to(q.dtype), triplets))
+                miss = collision_miss_rate(q, k, self.hash_rotations.to(q.dtype), triplets)
+                self.miss_rate.fill_(miss)
+                self.scheduler.record_drift(max(0.0, miss - float(self.miss_baseline)))
             if self.scheduler.should_rebuild():
                 self.last_hash_loss = self.train_hash(q, k, key_valid)
                 self.scheduler.rebuilt(partial=False)
+                with torch.no_grad():  # what the freshly trained hash splits: later drift is measured from here
+                    self.miss_baseline.fill_(
+                        collision_miss_rate(q, k, self.hash_rotations.detach().to(q.dtype), triplets)
+                    )
         return super().attend(q, k, v, key_valid)
 
     def extra_repr(self) -> str:

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from bench.lsh_attention import PeakMemory
 from kernels.lsh_attention import (
+    _weighted_bucket_transfer_grouped,
+    _weighted_bucket_transfer_scattered,
     angular_buckets,
     asymmetric_transform,
     chunked_attention,
@@ -328,9 +330,12 @@ def test_gradcheck_yoso_expectation():
     torch.autograd.gradcheck(lambda a, b, c: yoso_expectation(a, b, c, 3), (q, k, v))
 
 
-def test_yoso_backward_matches_its_dense_form():
+@pytest.mark.parametrize(
+    ("N", "n", "d", "m", "tau"),
+    [(2, 48, 8, 6, 3), (2, 96, 32, 4, 3)],  # scattered bucket sums; grouped GEMMs (12 rows per bucket, d*d = 1024)
+)
+def test_yoso_backward_matches_its_dense_form(N, n, d, m, tau):
     """YOSO's O(n) backward = the dense formulas with the same hashes: dv exact, dq/dk the tau/2 approximation."""
-    N, n, d, m, tau = 2, 48, 8, 6, 3
     q, k, v = (torch.randn(N, n, d, dtype=torch.float64, requires_grad=True) for _ in range(3))
     planes = torch.randn(d, m, tau, dtype=torch.float64)
     grad = torch.randn(N, n, d, dtype=torch.float64)
@@ -350,6 +355,22 @@ def test_yoso_backward_matches_its_dense_form():
     ref_dk = torch.autograd.grad(ku, k, dk_unit)[0]
     assert torch.allclose(dq, ref_dq, atol=1e-10)
     assert torch.allclose(dk, ref_dk, atol=1e-10)
+
+
+def test_grouped_and_scattered_bucket_transfers_agree_on_skewed_buckets():
+    """The two exact ways of YOSO's backward sums, on buckets from empty to holding most of a sequence."""
+    g = torch.Generator().manual_seed(5)
+    N, m, n, n_buckets, e, d = 3, 4, 200, 16, 12, 10
+    skewed = (torch.randn(N, m, n, generator=g).abs() * 3).long().clamp(max=n_buckets - 1)
+    uniform = torch.randint(0, n_buckets, (N, m, n), generator=g)
+    rows, src_w, dst_w = (torch.randn(N, n, x, generator=g, dtype=torch.float64) for x in (d, e, e))
+    for src, dst in ((skewed, uniform), (uniform, skewed)):
+        grouped = _weighted_bucket_transfer_grouped(src, dst, rows, src_w, dst_w, n_buckets)
+        scattered = _weighted_bucket_transfer_scattered(src, dst, rows, src_w, dst_w, n_buckets, block=5)
+        collide = (dst[..., :, None] == src[..., None, :]).double().mean(1)  # (N, n, n), dst rows x src rows
+        reference = (collide * (dst_w @ src_w.transpose(1, 2))) @ rows
+        assert torch.allclose(grouped, reference, atol=1e-10)
+        assert torch.allclose(scattered, reference, atol=1e-10)
 
 
 def test_yoso_gradient_estimate_points_along_the_expectations_gradient():
