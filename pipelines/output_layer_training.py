@@ -56,7 +56,13 @@ class OutputLayerConfig:
     lsh_bits: int = field(default=8, metadata=_help("K: bits per table"))
     lsh_hash: Literal["simhash", "dwta"] = field(default="simhash", metadata=_help("hash family"))
     sample_size: int = field(default=2048, metadata=_help("classes scored per step (labels + LSH + uniform)"))
-    max_per_bucket: int = field(default=0, metadata=_help("read at most this many classes per bucket (0 = all)"))
+    max_per_bucket: int = field(
+        default=128,
+        metadata=_help(
+            "read at most this many classes per bucket, from a random start (0 = all); caps the cost of the skewed "
+            "buckets learned hashing can grow (Beauty: step 0.316 -> 0.072 s, Recall@10 0.0404 -> 0.0412)"
+        ),
+    )
     per_query_quota: bool = field(
         default=False, metadata=_help("each query keeps its best sample_size/batch candidates (else batch-wide counts)")
     )
