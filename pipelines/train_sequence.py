@@ -222,13 +222,21 @@ def train(config: SequenceTrainConfig, out_dir: Path | None = None, progress: bo
     running, running_n = 0.0, 0
     bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
 
+    last_validation: dict[str, float] = {}
+
     def validate() -> None:
-        metrics = evaluate_split(model, data["validation"], config.eval_batch_size)
-        history["validation"].append({"step": step, "auc": metrics["auc"], "logloss": metrics["logloss"]})
-        log.info("step %d: validation AUC %.4f, log loss %.4f", step, metrics["auc"], metrics["logloss"])
+        """Validation metrics at this step, once: recorded in the curves and kept for the final report."""
+        if history["validation"] and history["validation"][-1]["step"] == step:
+            return
+        last_validation.update(evaluate_split(model, data["validation"], config.eval_batch_size))
+        auc, logloss = last_validation["auc"], last_validation["logloss"]
+        history["validation"].append({"step": step, "auc": auc, "logloss": logloss})
+        log.info("step %d: validation AUC %.4f, log loss %.4f", step, auc, logloss)
 
     model.train()
     for _epoch in range(config.epochs):
+        if step >= total:
+            break
         order = torch.randperm(n, generator=order_gen).to(device)
         for i in range(0, n, config.batch_size):
             if step >= total:
@@ -254,16 +262,14 @@ def train(config: SequenceTrainConfig, out_dir: Path | None = None, progress: bo
                 running, running_n = 0.0, 0
             if config.eval_every and step % config.eval_every == 0:
                 validate()
-        if not config.eval_every and step <= total:
+        if not config.eval_every:
             validate()
     bar.close()
-    if not history["validation"] or history["validation"][-1]["step"] != step:
-        validate()
-    validation = evaluate_split(model, data["validation"], config.eval_batch_size)
+    validate()  # the final model's (a no-op when the last step was just validated)
     test = evaluate_split(model, data["test"], config.eval_batch_size)
     metrics = {
-        "val_auc": validation["auc"],
-        "val_logloss": validation["logloss"],
+        "val_auc": last_validation["auc"],
+        "val_logloss": last_validation["logloss"],
         "test_auc": test["auc"],
         "test_logloss": test["logloss"],
         "oracle_val_auc": oracle["validation"],

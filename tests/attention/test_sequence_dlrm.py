@@ -91,6 +91,8 @@ def test_train_command_writes_metrics_and_curves(tmp_path):
     )
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["steps"] == 4 and saved["config"]["attention"] == "smyrf"
+    assert [p["step"] for p in saved["history"]["validation"]] == [4]  # validated once, at the end
+    assert saved["val_auc"] == saved["history"]["validation"][-1]["auc"]
     assert 0.0 < metrics["test_auc"] < 1.0
     assert (tmp_path / "curves.png").stat().st_size > 0
 
