@@ -97,22 +97,17 @@ def soft_collision(a: torch.Tensor, b: torch.Tensor, num_tables: int) -> torch.T
     return ((1 + a * b) / 2).view(a.shape[0], num_tables, -1).prod(-1)
 
 
-def triplet_hash_loss(
-    anchor: torch.Tensor,
-    positive: torch.Tensor,
-    negative: torch.Tensor,
-    projection: torch.Tensor,
-    num_tables: int,
-    margin: float,
-    sharpness: float,
+def triplet_collision_loss(
+    anchor_bits: torch.Tensor, positive_bits: torch.Tensor, negative_bits: torch.Tensor, num_tables: int, margin: float
 ) -> torch.Tensor:
-    """MONGOOSE's triplet loss on soft hash codes: anchor and positive share buckets, negative does not.
+    """MONGOOSE's triplet loss on soft hash bits (``soft_simhash``): anchor and positive share buckets, negative not.
 
     ``relu(margin - collide(a, p) + collide(a, n))`` per table (``soft_collision``), averaged over
-    tables and rows. ``anchor``, ``positive``, ``negative``: ``(N, D)``.
+    tables and rows. Each argument ``(N, L*K)``.
     """
-    a, p, n = (soft_simhash(v, projection, sharpness) for v in (anchor, positive, negative))  # (N, L*K)
-    return F.relu(margin - soft_collision(a, p, num_tables) + soft_collision(a, n, num_tables)).mean()
+    collide_pos = soft_collision(anchor_bits, positive_bits, num_tables)
+    collide_neg = soft_collision(anchor_bits, negative_bits, num_tables)
+    return F.relu(margin - collide_pos + collide_neg).mean()
 
 
 def hash_balance_penalty(bits: torch.Tensor) -> torch.Tensor:
@@ -150,8 +145,9 @@ def learned_hash_loss(
     ``anchor`` ``(N, D)`` hidden vectors, ``positive`` / ``negative`` ``(N, D)`` class weights,
     ``classes`` ``(M, D)`` class weights drawn uniformly (for the balance of class buckets).
     """
-    triplet = triplet_hash_loss(anchor, positive, negative, projection, num_tables, margin, sharpness)
-    balance = query_balance * hash_balance_penalty(soft_simhash(anchor, projection, sharpness))
+    a, p, n = (soft_simhash(v, projection, sharpness) for v in (anchor, positive, negative))  # (N, L*K)
+    triplet = triplet_collision_loss(a, p, n, num_tables, margin)
+    balance = query_balance * hash_balance_penalty(a)
     balance = balance + class_balance * hash_balance_penalty(soft_simhash(classes, projection, sharpness))
     return triplet + balance + decorrelation * decorrelation_penalty(projection, num_tables)
 

@@ -287,6 +287,7 @@ def train(config: SequenceTrainConfig, out_dir: Path | None = None, progress: bo
     if attention is not None and hasattr(attention, "scheduler"):
         metrics["hash_rebuilds"] = attention.scheduler.rebuilds
         metrics["hash_drift"] = float(attention.scheduler.drift)
+        metrics["hash_miss_rate"] = float(attention.miss_rate)
     if out_dir is not None:
         report(metrics, out_dir, config)
     return metrics
@@ -312,6 +313,7 @@ def report(metrics: dict, out_dir: Path, config: SequenceTrainConfig) -> None:
     ]
     if "hash_rebuilds" in metrics:
         rows.append(["learned hash rebuilds", metrics["hash_rebuilds"]])
+        rows.append(["best-pair miss rate (last step)", metrics["hash_miss_rate"]])
     print("\n" + format_table(["metric", "value"], rows))
     print(f"\nmetrics: {out_dir / METRICS_FILE}\ncurves:  {out_dir / CURVES_FILE}")
 

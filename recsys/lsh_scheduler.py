@@ -4,8 +4,9 @@ Why: rehashing all ``C`` class rows costs about as much as one full-softmax forw
 it every step throws away the saving. MONGOOSE observes that the weights move slowly and
 rebuilds only when enough of the hash codes have actually changed; SLIDE rebuilds every
 ``period`` steps whatever happened. The scheduler only decides; the layer measures the drift
-(the fraction of (class, table) codes of the classes that moved since their last hashing that no
-longer match the tables, on a probe of classes drawn from the seed and the step) and does the rebuild.
+(``LSHOutputLayer``: the stale fraction of the tables' (class, table) entries, estimated on a probe of
+classes drawn from the seed and the step; ``LearnedLSHAttention``: the rise of its miss rate since
+the last training) and does the rebuild.
 ``hash_trainings`` counts trainings of a learned projection, ``hash_updates`` the ones adopted.
 
 All counters are buffers, so they are in ``state_dict()`` and in checkpoints.
@@ -35,7 +36,7 @@ class RebuildScheduler(nn.Module):
     Args:
         schedule: ``"mongoose"`` (drift above ``threshold``), ``"fixed"`` (every ``period``
             steps, SLIDE) or ``"every_step"``.
-        threshold: drift (fraction of stale codes among sampled classes) that triggers a rebuild.
+        threshold: drift (as measured by the owning layer, in [0, 1]) that triggers a rebuild.
         period: steps between rebuilds of the fixed schedule.
         min_period: never rebuild more often than this under ``"mongoose"``.
     """

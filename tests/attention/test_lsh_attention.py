@@ -212,6 +212,32 @@ def test_learned_lsh_mongoose_schedule_rebuilds_only_on_drift():
     assert not any(p is attn.hash_rotations for p in attn.parameters())  # its own optimizer only
 
 
+def test_learned_lsh_retrains_when_the_miss_rate_rises_not_when_it_stays():
+    """Drift = rise of the miss rate since the last training: same data, no retraining; new data, retraining."""
+    torch.manual_seed(4)
+    q, k, v = (x.float() for x in _clustered_qkv(n=128, clusters=6, noise=0.2, B=4, H=2))
+    attn = build(
+        "learned_lsh",
+        head_dim=16,
+        bucket_size=16,
+        n_hashes=2,
+        n_buckets=4,
+        threshold=0.04,
+        hash_steps=50,
+        n_queries=128,
+    )  # same data: the miss rate moves by <= 0.02 (seeds 0-3); other centres: it rises by 0.06-0.12
+    attn.train()
+    attn(q, k, v)
+    assert attn.scheduler.rebuilds == 1  # the random hash's miss rate is a rise from 0: trained once
+    for _ in range(5):
+        attn(q, k, v)
+    assert attn.scheduler.rebuilds == 1, [float(attn.miss_baseline), float(attn.miss_rate)]
+    q, k, v = (x.float() for x in _clustered_qkv(n=128, clusters=6, noise=0.2, B=4, H=2, seed=9))  # other centres
+    for _ in range(3):
+        attn(q, k, v)
+    assert attn.scheduler.rebuilds >= 2, [float(attn.miss_baseline), float(attn.miss_rate)]
+
+
 # -- masks never leak ---------------------------------------------------------------------------------------
 MASKED = [
     ("dense", {}),
