@@ -31,6 +31,7 @@ positions); each has a reference (dense attention or a closed form) in ``tests/a
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -370,7 +371,14 @@ def _weighted_bucket_transfer(
 _GROUPED_MIN_BUCKET_ROWS = 8  # average rows per bucket from which grouped GEMMs beat scattered sums (measured)
 
 
-def _bucket_pieces(keys: torch.Tensor, num_keys: int, piece: int) -> tuple[torch.Tensor, ...]:
+class _BucketPieces(NamedTuple):
+    order: torch.Tensor  # (rows,) row ids sorted by key
+    piece_id: torch.Tensor  # (rows,) piece of each sorted row
+    slot: torch.Tensor  # (rows,) its position in the piece
+    piece_key: torch.Tensor  # (P,) the key of each piece
+
+
+def _bucket_pieces(keys: torch.Tensor, num_keys: int, piece: int) -> _BucketPieces:
     """Rows grouped by key and cut into pieces of at most ``piece`` rows (no piece mixes two keys).
 
     Returns ``order`` (rows sorted by key), each sorted row's ``piece_id`` and ``slot`` in its piece,
@@ -387,14 +395,13 @@ def _bucket_pieces(keys: torch.Tensor, num_keys: int, piece: int) -> tuple[torch
     piece_key = torch.repeat_interleave(
         torch.arange(num_keys, device=keys.device), piece_counts, output_size=num_pieces
     )
-    return order, piece_starts[sorted_keys] + rank // piece, rank % piece, piece_key
+    return _BucketPieces(order, piece_starts[sorted_keys] + rank // piece, rank % piece, piece_key)
 
 
-def _packed(x: torch.Tensor, pieces: tuple[torch.Tensor, ...], piece: int) -> torch.Tensor:
+def _packed(x: torch.Tensor, pieces: _BucketPieces, piece: int) -> torch.Tensor:
     """``(rows, e)`` -> ``(P, piece, e)``: each piece's rows, zero-padded."""
-    order, piece_id, slot, piece_key = pieces
-    out = x.new_zeros(piece_key.numel(), piece, x.shape[-1])
-    out[piece_id, slot] = x[order]
+    out = x.new_zeros(pieces.piece_key.numel(), piece, x.shape[-1])
+    out[pieces.piece_id, pieces.slot] = x[pieces.order]
     return out
 
 
@@ -421,10 +428,10 @@ def _weighted_bucket_transfer_grouped(
     for r in range(m):
         src = _bucket_pieces((src_codes[:, r] + sequence_offset).reshape(-1), num_keys, piece)
         partial = torch.bmm(_packed(src_w, src, piece).transpose(1, 2), _packed(rows, src, piece))  # (P, e, d)
-        table = partial.new_zeros(num_keys, e, d).index_add_(0, src[3], partial)
+        table = partial.new_zeros(num_keys, e, d).index_add_(0, src.piece_key, partial)
         dst = _bucket_pieces((dst_codes[:, r] + sequence_offset).reshape(-1), num_keys, piece)
-        read = torch.bmm(_packed(dst_w, dst, piece), table[dst[3]])  # (P, piece, d)
-        out.index_add_(0, dst[0], read[dst[1], dst[2]])
+        read = torch.bmm(_packed(dst_w, dst, piece), table[dst.piece_key])  # (P, piece, d)
+        out.index_add_(0, dst.order, read[dst.piece_id, dst.slot])
     return (out / m).view(N, n, d)
 
 
@@ -500,7 +507,8 @@ def yoso_attention(
 
     Args:
         q, k: ``(N, n, d)``; v: ``(N, n, dv)``; planes: ``(d, m, tau)``; key_valid: ``(N, n)`` bool.
-        block: value coordinates per bucket-sum pass in the backward (memory ``N m 2^tau block d``).
+        block: value coordinates per bucket-sum pass of the backward's scattered path (short sequences;
+            memory ``N m 2^tau block d``); long sequences use grouped GEMMs (``_weighted_bucket_transfer``).
 
     Returns:
         ``(N, n, dv)``. Memory ``O(n m + 2^tau m dv)``, no ``n x n`` tensor.
