@@ -569,10 +569,18 @@ class ExportedModel:
         if self.retrieval is None:
             raise ValueError("this export has no retrieval model (export with --retrieval)")
         items, retrieval_scores = self.retrieval.retrieve(history, candidates)
-        overrides = [{self.retrieval.column_index: v} for v in self.retrieval.item_values(items)]
-        probabilities = self.predict(*self.encoder.encode_variants(dense, sparse, [{}] * len(items), overrides))
+        probabilities = self.predict(*self.encode_items(items, dense, sparse))
         order = np.argsort(-probabilities, kind="stable")[:k]
         return [(int(items[i]), float(probabilities[i]), float(retrieval_scores[i])) for i in order]
+
+    def encode_items(
+        self, items: np.ndarray, dense: Sequence[int | None], sparse: Sequence[str | None]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Encoded rows (dense, ids) of the context row with each retrieved item in its re-rank column."""
+        if self.retrieval is None:
+            raise ValueError("this export has no retrieval model (export with --retrieval)")
+        overrides = [{self.retrieval.column_index: v} for v in self.retrieval.item_values(items)]
+        return self.encoder.encode_variants(dense, sparse, [{}] * len(items), overrides)
 
     def summary(self) -> dict[str, Any]:
         """What ``GET /v1/model`` shows: everything in the manifest but the per-file digests."""

@@ -312,11 +312,8 @@ def create_app(settings: Settings) -> FastAPI:
         items, retrieval_scores = await batcher.call(retrieval.retrieve, body.history, body.candidates)
         if len(items) == 0:
             return _json(RecommendResponse(items=[], retrieved=0, model=model.version))
-        overrides = [{retrieval.column_index: v} for v in retrieval.item_values(items)]
         try:
-            encoded = model.encoder.encode_variants(
-                body.context.dense, body.context.sparse, [{}] * len(items), overrides
-            )
+            encoded = model.encode_items(items, body.context.dense, body.context.sparse)
         except ValueError as exc:
             raise ServiceError(422, str(exc)) from exc
         scores = await score_encoded(model, *encoded)
