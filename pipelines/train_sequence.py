@@ -75,7 +75,7 @@ class SequenceTrainConfig:
         default=2,
         metadata=_help(
             "buckets per round of learned_lsh (even); its rotations are fixed between retrainings, so few buckets "
-            "keep a query's chunk covering its relevant keys (test AUC at 64 items: 2 -> 0.697, 4 -> 0.688, 8 -> 0.675)"
+            "keep a query's chunks covering its relevant keys (measured per bucket count in docs/attention.md)"
         ),
     )
     yoso_hashes: int = field(default=8, metadata=_help("YOSO hashes m"))
