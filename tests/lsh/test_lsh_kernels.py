@@ -83,12 +83,14 @@ def test_simhash_collision_rate_matches_closed_form(angle, num_bits):
     expected = (1 - angle / math.pi) ** num_bits
     closed = simhash_collision_probability(torch.tensor(math.cos(angle), dtype=torch.float64), num_bits)
     assert float(closed) == pytest.approx(expected)
-    sigma = math.sqrt(expected * (1 - expected) / n)  # as if only n independent trials (conservative)
-    assert abs(float(same.double().mean()) - expected) < 5 * sigma + 1e-3
-    # any of L tables: 1 - (1 - p^K)^L
+    # the angle is exact and the tables' projections independent: n * tables independent trials
+    sigma = math.sqrt(expected * (1 - expected) / (n * tables))
+    assert abs(float(same.double().mean()) - expected) < 5 * sigma  # observed |z| <= 0.93 over the 15 cases
+    # any of L tables: 1 - (1 - p^K)^L; one trial per pair
     any4 = same[:, :4].any(1).double().mean()
     expected_any = float(simhash_collision_probability(torch.tensor(math.cos(angle), dtype=torch.float64), num_bits, 4))
-    assert abs(float(any4) - expected_any) < 5 * math.sqrt(expected_any * (1 - expected_any) / n) + 1e-3
+    sigma_any = math.sqrt(expected_any * (1 - expected_any) / n)
+    assert abs(float(any4) - expected_any) < 5 * sigma_any  # observed |z| <= 2.2 over the 15 cases
 
 
 def test_build_buckets_holds_every_class_once_per_table_in_its_bucket():
@@ -154,6 +156,7 @@ def test_recall_of_true_topk_rises_with_tables_as_closed_form():
         recall = float(torch.gather(found, 1, true_top).double().mean())
         expected = float(simhash_collision_probability(top_cos, num_bits, tables).mean())
         sigma = math.sqrt(expected * (1 - expected) / 300)  # queries independent; classes per query correlated
+        # + 0.01: all queries share one draw of the projection; observed |recall - expected| <= 0.017 (|z| <= 0.56)
         assert abs(recall - expected) < 5 * sigma + 0.01, (tables, recall, expected)
         recalls.append(recall)
     assert recalls[0] < recalls[1] < recalls[2], recalls
@@ -170,21 +173,21 @@ def test_select_sample_forces_labels_prefers_candidates_and_fills_uniformly():
     assert sample.numel() == 200 and torch.equal(sample, torch.unique(sample))
     assert bool(torch.isin(labels, sample).all()) and bool(torch.isin(retrieved, sample).all())
     assert in_sample.tolist() == [bool(counts[c] > 0) for c in labels.tolist()]
-    fill = sample[~torch.isin(sample, torch.cat([retrieved, labels]))]
-    assert fill.numel() >= 200 - 63  # the rest are uniform draws from the other classes
-    # uniform fill: over many draws each non-retrieved class is picked about equally often
+    forced = torch.unique(torch.cat([retrieved, labels]))
+    # the rest of the sample: uniform draws from the other classes, each picked about equally often
     hits = torch.zeros(num_classes)
     for _ in range(300):
         s, _ = select_sample(counts, labels, 200, g)
         hits[s] += 1
     others = torch.ones(num_classes, dtype=torch.bool)
-    others[retrieved] = False
-    others[labels] = False
+    others[forced] = False
+    assert bool((hits[~others] == 300).all())  # labels and retrieved classes every time
     rate = hits[others] / 300
-    expected = (200 - int((~others).sum())) / int(others.sum())
-    assert abs(float(rate.mean()) - expected) < 0.01 and float(rate.std()) < 4 * math.sqrt(
-        expected * (1 - expected) / 300
-    )
+    expected = (200 - forced.numel()) / int(others.sum())
+    # binomial spread of the per-class rate: a biased fill spreads more, a round-robin one less; observed ratio 0.998
+    # (the std of 939 rates has a relative standard error of ~2.3%, so the band is ~6 standard errors wide)
+    binomial_std = math.sqrt(expected * (1 - expected) / 300)
+    assert 0.85 < float(rate.std()) / binomial_std < 1.15, float(rate.std()) / binomial_std
     # more labels than the budget: all labels, nothing else
     many, _ = select_sample(counts, torch.arange(300), 100, g)
     assert torch.equal(many, torch.arange(300))

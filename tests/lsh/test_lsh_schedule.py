@@ -54,6 +54,8 @@ def test_mongoose_rebuilds_less_than_every_step_and_fixed_periods_of_equal_recal
     mongoose = _run("mongoose", 1, weights, batches).stats()
     every_step = _run("every_step", 1, weights, batches).stats()
     never = _run("fixed", 10_000, weights, batches).stats()
+    # observed recall in sample / rebuilds: never 0.137 / 0, every step 0.970 / 59, mongoose 0.973 / 17,
+    # fixed periods 1, 2, 4, 8: 0.970 / 59, 0.921 / 29, 0.843 / 14, 0.759 / 7
     # the setup needs rebuilds at all: stale tables lose most labels
     assert never["label_recall_in_sample"] < every_step["label_recall_in_sample"] - 0.2, (never, every_step)
     recall = mongoose["label_recall_in_sample"]

@@ -68,5 +68,6 @@ def test_learned_hashing_raises_recall_of_positives_on_delicious(data_dir):
         largest_bucket[learned] = int(layer.offsets.diff().max())
     # the hidden vectors share one direction (cosine ~0.99 with their mean): random SimHash puts nearly all
     # queries into a few buckets far from their labels; the learned projection must do clearly better
-    assert recalls[True] > 2 * recalls[False] + 0.05, recalls
-    assert largest_bucket[True] < data.num_labels // 4, largest_bucket  # no collapse into one bucket
+    # observed recall 0.029 (random) -> 0.297 (learned); largest bucket 56 (random) -> 65 (learned) of 983 classes
+    assert recalls[True] > 0.2 and recalls[True] > 5 * recalls[False], recalls
+    assert largest_bucket[True] < data.num_labels // 8, largest_bucket  # no collapse into one bucket

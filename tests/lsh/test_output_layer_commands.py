@@ -3,23 +3,64 @@
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
 
+from pipelines.checkpoint import load_checkpoint
 from pipelines.output_layer_training import ranking_metrics
 from pipelines.sequences import next_item_splits, read_sequences
 from pipelines.xmc_data import read_xmc
 
 
-def _write_xmc(path, points, features, labels, seed):
+def _write_xmc(path, points, features, labels, seed) -> list[tuple[list[int], dict[int, float]]]:
+    """A random XMC file; returns each point's (labels, {feature: value}) as written."""
     g = torch.Generator().manual_seed(seed)
-    lines = [f"{points} {features} {labels}"]
+    lines, rows = [f"{points} {features} {labels}"], []
     for i in range(points):
         ls = sorted(set(torch.randint(0, labels, (int(torch.randint(0, 4, (1,), generator=g)),), generator=g).tolist()))
         fs = sorted(set(torch.randint(0, features, (5,), generator=g).tolist()))
         lines.append(",".join(map(str, ls)) + " " + " ".join(f"{f}:{(i % 3) + 0.5}" for f in fs))
+        rows.append((ls, {f: (i % 3) + 0.5 for f in fs}))
     path.write_text("\n".join(lines) + "\n")
+    return rows
+
+
+def _checkpoint_tensors(run_dir: Path, shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> dict:
+    """The named tensors of the model in the run's (only) checkpoint, read back through DCP."""
+    (path,) = (run_dir / "checkpoints").glob("step-*")
+    state = {"model": {name: torch.zeros(shape, dtype=dtype) for name, (shape, dtype) in shapes.items()}}
+    load_checkpoint(path, state)
+    return {name: value.double() if value.is_floating_point() else value for name, value in state["model"].items()}
+
+
+def _top_ids_by_hand(hidden: torch.Tensor, weight: torch.Tensor, k: int, allowed: torch.Tensor | None = None):
+    """Each row's ``k`` best classes by inner product (only ``allowed`` ones; ``-1`` where fewer), as lists."""
+    scores = hidden @ weight.t()
+    if allowed is not None:
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    top_scores, top_ids = torch.topk(scores, k, dim=1)
+    return torch.where(torch.isfinite(top_scores), top_ids, -1).tolist()
+
+
+def _colliding_by_hand(hidden: torch.Tensor, tensors: dict, tables: int, bits: int) -> torch.Tensor:
+    """``(N, C)``: the class shares a bucket with the row in some table of the checkpointed tables (SimHash codes)."""
+    signs = (hidden @ tensors["output.projection"] > 0).view(hidden.shape[0], tables, bits).long()
+    codes = (signs * 2 ** torch.arange(bits)).sum(-1)  # (N, L)
+    return (codes[:, None, :] == tensors["output.codes"][None]).any(-1)
+
+
+def _precision_and_ndcg(top: list[list[int]], labels: list[list[int]], k: int) -> tuple[float, float]:
+    """Mean P@k and nDCG@k over rows (a row without labels scores 0), counted one row at a time."""
+    precision = ndcg = 0.0
+    for ranked, truth in zip(top, labels, strict=True):
+        hits = [rank for rank, c in enumerate(ranked[:k]) if c in truth]
+        precision += len(hits) / k
+        ideal = sum(1 / math.log2(rank + 2) for rank in range(min(k, len(truth))))
+        ndcg += sum(1 / math.log2(rank + 2) for rank in hits) / ideal if truth else 0.0
+    return precision / len(top), ndcg / len(top)
 
 
 def test_read_xmc_matches_the_lines(tmp_path):
@@ -61,30 +102,82 @@ def test_ranking_metrics_by_hand():
 
 
 @pytest.mark.parametrize("layer", ["lsh", "full"])
-def test_train_xmc_writes_metrics(tmp_path, layer):
+def test_train_xmc_writes_the_metrics_of_its_checkpointed_model(tmp_path, layer):
+    """P@k / nDCG@k in metrics.json equal those recomputed here from the checkpoint: encoder, scores, ranking,
+    counts (and, for LSH, retrieval from the checkpointed tables) all written out, none through the pipeline."""
     from pipelines.train_xmc import main
 
-    _write_xmc(tmp_path / "d.txt", 300, 40, 30, seed=1)
+    rows = _write_xmc(tmp_path / "d.txt", 300, 40, 30, seed=1)
     out = tmp_path / layer
     main(["--data", str(tmp_path / "d.txt"), "--train-rows", "240", "--out", str(out), "--output-layer", layer,
           "--epochs", "2", "--batch-size", "32", "--sample-size", "64", "--lsh-bits", "3", "--lsh-tables", "2",
           "--no-progress", "--encoder-width", "16", "--hidden", "8"])  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
-    for key in ("p@1", "p@3", "p@5", "step_time_median"):
-        assert key in metrics
-    assert 0.0 <= metrics["p@1"] <= 1.0 and (out / "curves.png").is_file()
-    assert any((out / "checkpoints").iterdir())
+    assert (out / "curves.png").is_file() and metrics["step_time_median"] > 0
+    f32, i64 = torch.float32, torch.int64
+    shapes = {"encoder.bag.weight": ((40, 16), f32), "encoder.bias": ((16,), f32),
+              "encoder.proj.weight": ((8, 16), f32), "encoder.proj.bias": ((8,), f32),
+              "output.weight": ((30, 8), f32)}  # fmt: skip
+    if layer == "lsh":
+        shapes |= {"output.projection": ((8, 6), f32), "output.codes": ((30, 2), i64)}
+    t = _checkpoint_tensors(out, shapes)
+    test_rows = rows[240:]
+    bag = torch.zeros(len(test_rows), 40, dtype=torch.float64)  # L2-normalised feature values of each test point
+    for i, (_, features) in enumerate(test_rows):
+        norm = math.sqrt(sum(v * v for v in features.values()))
+        for f, v in features.items():
+            bag[i, f] = v / norm
+    width = (bag @ t["encoder.bag.weight"] + t["encoder.bias"]).clamp(min=0)  # ReLU; no dropout at evaluation
+    hidden = width @ t["encoder.proj.weight"].t() + t["encoder.proj.bias"]
+    labels = [ls for ls, _ in test_rows]
+    assert sum(1 for ls in labels if ls) > 40  # most test points have labels
+    ranked = {"": _top_ids_by_hand(hidden, t["output.weight"], 5)}
+    if layer == "lsh":
+        allowed = _colliding_by_hand(hidden, t, tables=2, bits=3)
+        ranked["retrieval_"] = _top_ids_by_hand(hidden, t["output.weight"], 5, allowed)
+    for prefix, top in ranked.items():
+        for k in (1, 3, 5):
+            precision, ndcg = _precision_and_ndcg(top, labels, k)
+            # sums of hit counts / discounts: observed differences <= 7e-18
+            assert metrics[f"{prefix}p@{k}"] == pytest.approx(precision, abs=1e-15), (prefix, k)
+            assert metrics[f"{prefix}ndcg@{k}"] == pytest.approx(ndcg, abs=1e-15), (prefix, k)
 
 
-def test_train_next_item_writes_metrics(tmp_path):
+def test_train_next_item_writes_the_metrics_of_its_checkpointed_model(tmp_path):
+    """Recall@10 / nDCG@10 (exact and from the LSH tables) recomputed from the checkpoint: history encoder,
+    scores, ranking and counts written out here."""
     from pipelines.train_next_item import main
 
     g = torch.Generator().manual_seed(0)
-    lines = [f"{u} " + " ".join(str(v) for v in (torch.randint(1, 60, (8,), generator=g)).tolist()) for u in range(80)]
+    sequences = [torch.randint(1, 60, (8,), generator=g).tolist() for _ in range(80)]
+    lines = [f"{u} " + " ".join(str(v) for v in items) for u, items in enumerate(sequences)]
     (tmp_path / "s.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
     main(["--data", str(tmp_path / "s.txt"), "--out", str(out), "--output-layer", "lsh", "--epochs", "1",
           "--batch-size", "64", "--sample-size", "32", "--lsh-bits", "3", "--lsh-tables", "2", "--hidden", "8",
           "--item-dim", "8", "--max-len", "5", "--no-progress"])  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
-    assert 0.0 <= metrics["recall@10"] <= 1.0 and "ndcg@10" in metrics and "retrieval_recall@10" in metrics
+    num_items = max(max(items) for items in sequences)  # file ids are 1-based: classes 0 .. max - 1
+    f32, i64 = torch.float32, torch.int64
+    shapes = {"encoder.items.weight": ((num_items + 1, 8), f32), "encoder.positions.weight": ((5, 8), f32),
+              "encoder.mlp.0.weight": ((8, 16), f32), "encoder.mlp.0.bias": ((8,), f32),
+              "encoder.mlp.2.weight": ((8, 8), f32), "encoder.mlp.2.bias": ((8,), f32),
+              "output.weight": ((num_items, 8), f32), "output.projection": ((8, 6), f32),
+              "output.codes": ((num_items, 2), i64)}  # fmt: skip
+    t = _checkpoint_tensors(out, shapes)
+    # test example of a user: the last item; its history the 5 items before (8 items a user: never padded)
+    history = torch.tensor([items[2:7] for items in sequences]) - 1
+    targets = [[items[7] - 1] for items in sequences]
+    x = t["encoder.items.weight"][history] + t["encoder.positions.weight"]  # (U, 5, 8); no dropout at evaluation
+    pre = torch.cat([x.mean(1), x[:, -1]], dim=1) @ t["encoder.mlp.0.weight"].t() + t["encoder.mlp.0.bias"]
+    gelu = 0.5 * pre * (1 + torch.erf(pre / math.sqrt(2)))
+    hidden = gelu @ t["encoder.mlp.2.weight"].t() + t["encoder.mlp.2.bias"]
+    allowed = _colliding_by_hand(hidden, t, tables=2, bits=3)
+    ranked = {"": _top_ids_by_hand(hidden, t["output.weight"], 10)}
+    ranked["retrieval_"] = _top_ids_by_hand(hidden, t["output.weight"], 10, allowed)
+    for prefix, top in ranked.items():
+        recall, ndcg = _precision_and_ndcg(top, targets, 10)
+        recall *= 10  # one target a user: recall@10 = 10 * P@10
+        # sums of hit counts / discounts: observed differences <= 3e-17
+        assert metrics[f"{prefix}recall@10"] == pytest.approx(recall, abs=1e-15), prefix
+        assert metrics[f"{prefix}ndcg@10"] == pytest.approx(ndcg, abs=1e-15), prefix
