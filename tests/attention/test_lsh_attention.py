@@ -31,7 +31,8 @@ LSH = ("reformer", "smyrf", "yoso", "learned_lsh")
 
 
 def _qkv(B=2, H=2, n=64, d=16, dtype=torch.float64, seed=None):
-    g = torch.Generator().manual_seed(seed if seed is not None else torch.seed() % 2**31)
+    """Fresh q, k, v: from ``seed``, or from the global generator (seeded per test by tests/conftest.py)."""
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
     return tuple(torch.randn(B, H, n, d, dtype=dtype, generator=g) for _ in range(3))
 
 
@@ -432,7 +433,11 @@ def test_simhash_collision_rate_matches_formula():
 
 
 def test_angular_lsh_collision_rate_matches_formula():
-    """Two buckets: 1 - theta/pi; n buckets, independent uniform directions: exactly 1/n."""
+    """Two buckets: 1 - theta/pi; n buckets, independent uniform directions, orthonormal rotation: 1/n.
+
+    (With the Gaussian rotation Reformer draws, one rotation's buckets are uneven — its columns differ
+    in norm — so the 1/n rate holds for orthonormal columns, where the n buckets are exchangeable.)
+    """
     cosines = torch.tensor([-0.3, 0.2, 0.7], dtype=torch.float64)
     a, b = _pairs_at_angles(cosines, 16)
     trials = 4000
@@ -440,9 +445,9 @@ def test_angular_lsh_collision_rate_matches_formula():
     rate = (angular_buckets(a[None], rot) == angular_buckets(b[None], rot)).double().mean(1)[0]
     assert torch.allclose(rate, simhash_collision_probability(cosines, 1), atol=0.035), rate
     x, y = F.normalize(torch.randn(2, 3000, 16, dtype=torch.float64), dim=-1)
-    rot8 = random_rotations(16, 1, 8, dtype=torch.float64)
+    rot8 = torch.linalg.qr(random_rotations(16, 1, 8, dtype=torch.float64)[:, 0])[0][:, None]  # (16, 1, 4)
     same = (angular_buckets(x[None], rot8) == angular_buckets(y[None], rot8)).double().mean()
-    assert abs(same - 1 / 8) < 0.025, same
+    assert abs(same - 1 / 8) < 4 * (1 / 8 * 7 / 8 / 3000) ** 0.5, same  # 4 binomial sd
 
 
 def test_smyrf_transform_and_e2lsh_collision_rate_match_formulas():
