@@ -1,7 +1,9 @@
-"""Export: round trip exact, served model == trained model, tamper / truncation refused, atomic writes."""
+"""Export: round trip exact, served model == the model in the training process, an AUC gate that scores the
+stored cores, every tampered byte / truncation refused, atomic writes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,12 +16,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from pipelines.checkpoint import TRAINER_STATE_FILE, latest_checkpoint
+from pipelines.checkpoint import latest_checkpoint
 from pipelines.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
 from pipelines.export import build_parser, export_checkpoint, features_section, load_checkpoint_tensors
 from pipelines.export_format import (
     FEATURES_FILE,
+    MANIFEST_DIGEST_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
     RETRIEVAL_FILE,
@@ -32,10 +36,10 @@ from pipelines.export_format import (
 )
 from pipelines.loader import ParquetBatchLoader
 from pipelines.preprocess import PreprocessConfig, Preprocessor, load_metadata
-from pipelines.train import TrainConfig, Trainer
+from pipelines.train import Trainer
 from pipelines.tsv import MalformedReport, read_log
 
-from .conftest import ITEM_COLUMN, NUM_ITEMS, REPO
+from .conftest import ITEM_COLUMN, NUM_ITEMS, REPO, sigmoid, training_logits
 
 
 @pytest.mark.parametrize("kind", ["dense", "tt"])
@@ -62,21 +66,22 @@ def test_round_trip_is_exact(kind, request):
 
 @pytest.mark.parametrize("kind", ["dense", "tt"])
 def test_exported_model_scores_equal_the_trained_model(kind, request):
-    """The DMP-wrapped training model restored from the checkpoint and the export give the same logits."""
-    run, export = request.getfixturevalue(f"{kind}_run"), request.getfixturevalue(f"{kind}_export")
-    checkpoint = latest_checkpoint(run / "checkpoints")
-    state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
-    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
-    data = Path(json.loads((run / "metrics.json").read_text())["data"])
-    trainer = Trainer(config, data, run.parent / f"{kind}-scratch", progress=False)
-    trainer._restore(checkpoint)
-    trainer.model.eval()
+    """The export's logits and click probabilities == the model of the training process (by-hand sigmoid)."""
+    trainer, export = request.getfixturevalue(f"{kind}_trainer"), request.getfixturevalue(f"{kind}_export")
     exported = load_exported(export)
-    batch = next(ParquetBatchLoader(data, "validation", 700, shuffle=False).batches())
+    loader = ParquetBatchLoader(trainer.data_dir, "validation", 700, shuffle=False)
+    batch = next(loader.batches())
+    reference = training_logits(trainer, loader)[:700]
     with torch.no_grad():
-        _, (_, reference, _) = trainer.model(batch)
-        served = exported.model(batch.dense_features, batch.sparse_features)
-    torch.testing.assert_close(served.reshape(-1), reference.reshape(-1), rtol=0, atol=1e-6)
+        served = exported.model(batch.dense_features, batch.sparse_features).reshape(-1).double().numpy()
+    # observed: equal (max |diff| 0, the same float32 ops); 1e-6 is ~2 float32 ulps of the largest logits (|x| < 8)
+    np.testing.assert_allclose(served, reference, rtol=0, atol=1e-6)
+    ids = batch.sparse_features.to_dict()
+    sparse = np.stack([ids[name].values().numpy() for name in SPARSE_COLUMNS], axis=1)
+    probabilities = exported.predict(batch.dense_features.numpy(), sparse)
+    # observed max |diff| 1.1e-16 (torch's float64 sigmoid vs the by-hand one, same logits): ~9x
+    np.testing.assert_allclose(probabilities, sigmoid(reference), rtol=0, atol=1e-15)
+    assert np.std(probabilities) > 0.05 and probabilities.min() > 0.0 and probabilities.max() < 1.0
 
 
 @pytest.mark.parametrize("vocab", ["freq", "hash"])
@@ -131,16 +136,122 @@ def _copy(export: Path, tmp_path: Path) -> Path:
     return target
 
 
-@pytest.mark.parametrize("name", [MODEL_FILE, FEATURES_FILE, MANIFEST_FILE])
-def test_a_flipped_byte_is_refused(name, dense_export, tmp_path):
-    target = _copy(dense_export, tmp_path)
-    path = target / name
-    data = bytearray(path.read_bytes())
-    position = int(np.random.default_rng().integers(0, len(data)))
-    data[position] ^= 0x01
-    path.write_bytes(bytes(data))
-    with pytest.raises(ExportFormatError, match=name.replace(".", r"\.")):
-        load_exported(target)
+def _after(text: str, *anchors: str, start: int = 0) -> int:
+    """The index just past the last of ``anchors``, each searched for after the one before."""
+    at = start
+    for anchor in anchors:
+        at = text.index(anchor, at) + len(anchor)
+    return at
+
+
+def _next_digit(text: str, at: int) -> int:
+    return at + next(i for i, c in enumerate(text[at:]) if c.isdigit())
+
+
+def _safetensors_regions(data: bytes, rng: np.random.Generator) -> dict[str, int]:
+    """Named byte positions covering a safetensors file: its 8-byte header length, its JSON header (seeded
+    positions, and the dtype, a shape digit and an offset digit of a few seeded tensors), and the first, middle
+    and last byte of every tensor's data."""
+    header_length = int.from_bytes(data[:8], "little")
+    text = data[8 : 8 + header_length].decode()
+    header = json.loads(text)
+    regions = {"header length, low byte": 0, "header length, high byte": 7}
+    regions |= {f"header byte {at}": 8 + int(at) for at in rng.choice(header_length, 4, replace=False)}
+    names = sorted(k for k in header if k != "__metadata__")
+    for name in rng.choice(names, min(3, len(names)), replace=False):
+        entry = _after(text, json.dumps(str(name)) + ":")
+        regions[f"{name} dtype"] = 8 + _after(text, '"dtype":"', start=entry)
+        if header[name]["shape"]:
+            regions[f"{name} shape"] = 8 + _next_digit(text, _after(text, '"shape":[', start=entry))
+        regions[f"{name} data_offsets"] = 8 + _next_digit(text, _after(text, '"data_offsets":[', start=entry))
+    data_start = 8 + header_length
+    for name in names:
+        begin, end = header[name]["data_offsets"]
+        if end > begin:
+            regions |= {
+                f"{name} data, first byte": data_start + begin,
+                f"{name} data, middle byte": data_start + (begin + end) // 2,
+                f"{name} data, last byte": data_start + end - 1,
+            }
+    assert max(regions.values()) == len(data) - 1  # the last tensor's last byte ends the file: all regions named
+    return regions
+
+
+def _manifest_regions(text: str, rng: np.random.Generator) -> dict[str, int]:
+    """Named byte positions of manifest.json: values that still parse when flipped (a digest digit, a size, a
+    shape, a config value, the version) and seeded positions anywhere."""
+    manifest = json.loads(text)
+    regions = {}
+    for name in manifest["files"]:
+        entry = _after(text, '"files": {', f'"{name}": {{')
+        regions[f"files.{name}.sha256"] = _after(text, '"sha256": "', start=entry) + 17
+        regions[f"files.{name}.bytes"] = _after(text, '"bytes": ', start=entry)
+    regions |= {
+        "version": _after(text, '"version": "') + 2,
+        "model.embedding_dim": _after(text, '"model": {', '"embedding_dim": '),
+        "model.dense_arch": _next_digit(text, _after(text, '"model": {', '"dense_arch": [')),
+        "features.vocab": _after(text, '"features": {', '"vocab": "'),
+        "features.vocab_sizes.C1": _after(text, '"features": {', '"vocab_sizes": {', '"C1": '),
+        "tables.C1.rows": _after(text, '"tables": {', '"C1": {', '"rows": '),
+        "metrics.val_auc": _after(text, '"metrics": {', '"val_auc": ') + 3,
+    }
+    if '"p_shapes"' in text:
+        regions["tables.C1.p_shapes"] = _next_digit(text, _after(text, '"tables": {', '"C1": {', '"p_shapes": ['))
+    if manifest.get("retrieval"):
+        regions["retrieval.encoder.num_items"] = _after(text, '"retrieval": {', '"num_items": ')
+        regions["retrieval.rerank.column"] = _after(text, '"rerank": {', '"column": "') + 1
+    regions |= {f"byte {at}": int(at) for at in rng.choice(len(text), 8, replace=False)}
+    return regions
+
+
+@contextlib.contextmanager
+def _bit_flipped(path: Path, at: int):
+    """``path`` with the lowest bit of byte ``at`` flipped (in place), put back on exit."""
+    with path.open("r+b") as f:
+        f.seek(at)
+        original = f.read(1)[0]
+        f.seek(at)
+        f.write(bytes([original ^ 0x01]))
+    try:
+        yield
+    finally:
+        with path.open("r+b") as f:
+            f.seek(at)
+            f.write(bytes([original]))
+
+
+# the dense export with retrieval has every file (features: a freq vocabulary); the TT export adds TT cores,
+# cache rows and the TT shapes of the manifest (its retrieval file would be the same as the dense one's)
+@pytest.mark.parametrize("export_fixture", ["dense_retrieval_export", "tt_export"])
+def test_a_flipped_byte_in_any_region_is_refused(export_fixture, request, tmp_path):
+    """Every region of every file (manifest, its digest, model, features, retrieval) flipped by one bit: the
+    export is refused with an error naming that file. Most of these flips still parse (a digit of a digest,
+    size or shape; a tensor byte), so a skipped sha256 check fails this test on every run."""
+    target = _copy(request.getfixturevalue(export_fixture), tmp_path)
+    rng = np.random.default_rng(13)
+    text = (target / MANIFEST_FILE).read_text()
+    flips = [(MANIFEST_FILE, region, at) for region, at in _manifest_regions(text, rng).items()]
+    flips += [(MANIFEST_DIGEST_FILE, "first hex digit", 0), (MANIFEST_DIGEST_FILE, "last hex digit", 63)]
+    files = sorted(json.loads(text)["files"])
+    expected_files = [FEATURES_FILE, MODEL_FILE, RETRIEVAL_FILE] if export_fixture.startswith("dense") else [MODEL_FILE]
+    assert files == expected_files
+    for name in files:
+        flips += [(name, region, at) for region, at in _safetensors_regions((target / name).read_bytes(), rng).items()]
+    accepted, misreported = [], []
+    for name, region, at in flips:
+        with _bit_flipped(target / name, at):
+            try:
+                load_exported(target)
+                accepted.append(f"{name} {region} (byte {at})")
+            except ExportFormatError as exc:
+                if name not in str(exc):
+                    misreported.append(f"{name} {region} (byte {at}): {exc}")
+            except Exception as exc:  # any other error is a failure of the checks too
+                misreported.append(f"{name} {region} (byte {at}): {type(exc).__name__}: {exc}")
+    assert not accepted, f"{len(accepted)} of {len(flips)} flipped bytes were loaded: {accepted[:10]}"
+    assert not misreported, f"{len(misreported)} refused without naming the file: {misreported[:5]}"
+    assert len(flips) > 100
+    load_exported(target)  # every byte put back: it loads again
 
 
 @pytest.mark.parametrize("name", [MODEL_FILE, FEATURES_FILE])
@@ -148,9 +259,12 @@ def test_a_truncated_file_is_refused(name, dense_export, tmp_path):
     target = _copy(dense_export, tmp_path)
     path = target / name
     data = path.read_bytes()
-    path.write_bytes(data[: int(np.random.default_rng().integers(1, len(data)))])
-    with pytest.raises(ExportFormatError, match="truncated"):
-        load_exported(target)
+    header_end = 8 + int.from_bytes(data[:8], "little")
+    seeded = np.random.default_rng(17).integers(header_end, len(data), 2).tolist()
+    for length in [0, 1, 8, header_end, *seeded, len(data) - 1]:  # empty, in the header, in the tensors
+        path.write_bytes(data[:length])
+        with pytest.raises(ExportFormatError, match=rf"{name.replace('.', '[.]')}: {length} bytes.*truncated"):
+            load_exported(target)
 
 
 def test_a_missing_manifest_is_refused(dense_export, tmp_path):
@@ -212,17 +326,100 @@ def test_killed_export_leaves_the_previous_one(dense_run, tmp_path):
     assert load_exported(target).version == "v3"
 
 
+def _by_hand_auc(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Mann-Whitney: (sum of the positives' ranks - P (P + 1) / 2) / (P N), tied scores at their mean rank."""
+    order = np.argsort(scores, kind="stable")
+    ordered = scores[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])  # first index of each run of equal scores
+    ends = np.r_[starts[1:], len(scores)]
+    run = np.cumsum(np.r_[True, ordered[1:] != ordered[:-1]]) - 1
+    ranks = np.empty(len(scores))
+    ranks[order] = ((starts + 1 + ends) / 2)[run]  # 1-based ranks start+1 .. end, averaged
+    positive = labels == 1
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+
+
+def _by_hand_logloss(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Mean binary cross-entropy of logits, in the overflow-free form max(x, 0) - x y + log(1 + e^-|x|)."""
+    return float(np.mean(np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))))
+
+
+def _training_model_metrics(trainer: Trainer, split: str) -> dict[str, float]:
+    """AUC and log loss of the training process's model on a split, computed by hand from its logits."""
+    loader = ParquetBatchLoader(trainer.data_dir, split, 8192, shuffle=False)
+    labels = np.concatenate([batch.labels.double().numpy() for batch in loader.batches()])
+    logits = training_logits(trainer, loader)
+    return {"auc": _by_hand_auc(logits, labels), "logloss": _by_hand_logloss(logits, labels)}
+
+
+def _stored_cores_by_hand(export: Path) -> dict[str, torch.Tensor]:
+    """The TT cores as model.safetensors stores them (read with the safetensors library), as float32; int8
+    cores times their per-row float32 scales (row = first index of the core)."""
+    tensors = load_file(str(export / MODEL_FILE))
+    cores = {}
+    for name, value in tensors.items():
+        if ".tt_cores." not in name or name.endswith(".scale"):
+            continue
+        if value.dtype == torch.int8:
+            scale = tensors[name + ".scale"].double().reshape(-1, *[1] * (value.dim() - 1))
+            cores[name] = (value.double() * scale).float()  # exact in float64, then one rounding, as fp32 does
+        else:
+            cores[name] = value.float()
+    return cores
+
+
+@contextlib.contextmanager
+def _cores_replaced(trainer: Trainer, cores: dict[str, torch.Tensor]):
+    """The training model with ``cores`` (plain-DLRM names) in place of its TT cores; put back on exit."""
+    state = trainer.model.state_dict()  # the DMP model's names are "model." + the plain DLRM's
+    original = {name: state["model." + name].clone() for name in cores}
+    try:
+        for name, value in cores.items():
+            state["model." + name].copy_(value)
+        yield
+    finally:
+        for name, value in original.items():
+            state["model." + name].copy_(value)
+
+
+# The gate's metrics vs ours, from the same float32 logits: AUC observed to differ by <= 9.3e-8 (the gate's
+# torchmetrics AUC is a float32), log loss by <= 5.6e-17 (1 ulp: float64 sums in another order).
+AUC_ATOL = 3e-7
+LOGLOSS_ATOL = 1e-15
+
+
 @pytest.mark.parametrize("core_dtype", ["fp16", "int8"])
-def test_smaller_cores_keep_the_auc(core_dtype, tt_run, tt_export, tmp_path):
+def test_the_auc_gate_scores_the_stored_cores(core_dtype, tt_trainer, tt_run, tt_export, tmp_path):
+    """The export's AUC gate reports the AUC / log loss / drop of the cores it STORED: computed here by hand
+    from the safetensors tensors (dequantized by hand) put into the training process's model."""
     manifest = export_checkpoint(tt_run, tmp_path / core_dtype, core_dtype=core_dtype)
     evaluation = manifest["metrics"]["export_evaluation"]
-    print(
-        f"\n{core_dtype}: validation AUC fp32 {evaluation['validation_fp32']['auc']:.5f} -> "
-        f"{evaluation[f'validation_{core_dtype}']['auc']:.5f} (drop {evaluation['validation_auc_drop']:+.6f}); "
-        f"test drop {evaluation['test_auc_drop']:+.6f}; tables {manifest['compression']['table_bytes']} bytes, "
-        f"{manifest['compression']['ratio']}x smaller than dense"
-    )
-    assert evaluation["validation_auc_drop"] <= 0.001 and evaluation["test_auc_drop"] <= 0.001
+    stored_cores = _stored_cores_by_hand(tmp_path / core_dtype)
+    assert stored_cores and all(".tt_cores." in k for k in stored_cores)
+    splits = ("validation", "test")
+    fp32 = {split: _training_model_metrics(tt_trainer, split) for split in splits}
+    with _cores_replaced(tt_trainer, stored_cores):
+        stored = {split: _training_model_metrics(tt_trainer, split) for split in splits}
+    print(f"\n{core_dtype}: by hand {fp32} -> {stored}\ngate: {evaluation}")
+    assert fp32["validation"]["auc"] > 0.8  # a trained model (observed 0.85): its AUC means something
+    for split in splits:
+        for name, metrics in (("fp32", fp32), (core_dtype, stored)):
+            reported = evaluation[f"{split}_{name}"]
+            assert reported["auc"] == pytest.approx(metrics[split]["auc"], abs=AUC_ATOL), (split, name)
+            assert reported["logloss"] == pytest.approx(metrics[split]["logloss"], abs=LOGLOSS_ATOL), (split, name)
+        drop = fp32[split]["auc"] - stored[split]["auc"]
+        assert evaluation[f"{split}_auc_drop"] == pytest.approx(drop, abs=2 * AUC_ATOL), split
+        assert evaluation[f"{split}_auc_drop"] <= 0.001
+    # the stored cores score differently from the fp32 ones (observed log loss change, largest split: fp16 2.3e-7,
+    # int8 3.3e-6), far beyond the tolerance: a gate scoring the fp32 cores fails the comparisons above
+    assert max(abs(stored[s]["logloss"] - fp32[s]["logloss"]) for s in splits) > 1000 * LOGLOSS_ATOL
+
+
+@pytest.mark.parametrize("core_dtype", ["fp16", "int8"])
+def test_smaller_cores_are_stored_smaller(core_dtype, tt_run, tt_export, tmp_path):
+    manifest = export_checkpoint(tt_run, tmp_path / core_dtype, core_dtype=core_dtype, evaluate=False)
+    assert "export_evaluation" not in manifest["metrics"]
     exported = load_exported(tmp_path / core_dtype)
     stored = read_tensors(tmp_path / core_dtype, exported.manifest, MODEL_FILE)
     cores = [k for k in stored if ".tt_cores." in k and not k.endswith(".scale")]
@@ -233,9 +430,15 @@ def test_smaller_cores_keep_the_auc(core_dtype, tt_run, tt_export, tmp_path):
 
 
 def test_an_auc_drop_above_the_limit_is_refused(tt_run, tmp_path):
-    with pytest.raises(ValueError, match="max-auc-drop"):
-        export_checkpoint(tt_run, tmp_path / "x", core_dtype="int8", max_auc_drop=-1.0)
+    """Refused just above the larger drop of the two splits, written just below it."""
+    evaluation = export_checkpoint(tt_run, tmp_path / "first", core_dtype="int8")["metrics"]["export_evaluation"]
+    split = max(("validation", "test"), key=lambda s: evaluation[f"{s}_auc_drop"])
+    drop = evaluation[f"{split}_auc_drop"]
+    with pytest.raises(ValueError, match=rf"lowers the {split} AUC by .* > --max-auc-drop"):
+        export_checkpoint(tt_run, tmp_path / "x", core_dtype="int8", max_auc_drop=drop - 1e-7)
     assert not (tmp_path / "x").exists()
+    export_checkpoint(tt_run, tmp_path / "x", core_dtype="int8", max_auc_drop=drop + 1e-7)
+    assert load_exported(tmp_path / "x").manifest["core_dtype"] == "int8"
 
 
 def test_export_help_names_every_flag(capsys):
