@@ -20,7 +20,9 @@ import torchrec.optim as trec_optim
 from torch import nn
 from torch.distributed._shard.sharded_tensor import ShardedTensor
 from torchrec.distributed import DistributedModelParallel
+from torchrec.distributed.embeddingbag import EmbeddingBagCollectionSharder
 from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
+from torchrec.distributed.types import ShardingType
 from torchrec.optim.apply_optimizer_in_backward import apply_optimizer_in_backward
 from torchrec.optim.keyed import CombinedOptimizer, KeyedOptimizerWrapper
 from torchrec.optim.optimizers import in_backward_optimizer_filter
@@ -64,6 +66,19 @@ def init_process_group(device: str = "auto") -> ProcessInfo:
     return ProcessInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), device=dev)
 
 
+class FusedTableSharder(EmbeddingBagCollectionSharder):
+    """torchrec's table sharder without ``data_parallel``: every table keeps its fused optimizer.
+
+    The planner may replicate a small table (``data_parallel``) depending on the world size and the
+    other tables; a replicated table leaves fbgemm's fused kernel and falls to the dense optimizer
+    (another optimizer, another learning rate), so a run on N processes would no longer train as one.
+    """
+
+    def sharding_types(self, compute_device_type: str) -> list[str]:
+        types = super().sharding_types(compute_device_type)
+        return [t for t in types if t != ShardingType.DATA_PARALLEL.value]
+
+
 def shard_with_fused_optimizer(
     model: nn.Module,
     sparse_module: nn.Module | None,
@@ -93,7 +108,9 @@ def shard_with_fused_optimizer(
             EMBEDDING_OPTIMIZERS[embedding_optimizer], sparse_module.parameters(), {"lr": embedding_lr}
         )
     wrapper = DefaultDataParallelWrapper(params_to_ignore=list(self_updating))
-    dmp = DistributedModelParallel(module=model, device=device, data_parallel_wrapper=wrapper)
+    dmp = DistributedModelParallel(
+        module=model, device=device, sharders=[FusedTableSharder()], data_parallel_wrapper=wrapper
+    )
     skip = set(self_updating)
     dense_params = {
         name: p for name, p in in_backward_optimizer_filter(dmp.named_parameters()) if _unwrapped_name(name) not in skip

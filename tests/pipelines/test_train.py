@@ -22,6 +22,13 @@ from pipelines.preprocess import PreprocessConfig, Preprocessor, load_metadata
 from pipelines.synthetic import SyntheticCriteo
 from pipelines.train import TrainConfig, Trainer, build_parser
 from recsys.baselines import LogisticCTR
+from tests.pipelines.resume_checks import (
+    assert_kinds_present,
+    checkpoint_contents,
+    checkpoint_steps,
+    largest_difference,
+    resumed_from,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -102,38 +109,49 @@ def _train_cmd(data: Path, out: Path, *extra: str) -> list[str]:
 
 @pytest.mark.slow
 def test_killed_run_resumes_from_its_checkpoint(synthetic_data, tmp_path):
+    """SIGKILLed mid-epoch, --resume continues from the last checkpoint's loader position and state and ends
+    with the uninterrupted run's model: tables, MLPs and both optimizers' state."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     reference = subprocess.run(
         _train_cmd(synthetic_data, tmp_path / "ref"), env=env, cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert reference.returncode == 0, reference.stderr[-2000:]
+    ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    total, per_epoch = ref["steps"], ref["steps"] // 3
 
     out = tmp_path / "killed"
     proc = subprocess.Popen(
         _train_cmd(synthetic_data, out), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     deadline = time.time() + 300
-    while time.time() < deadline and not list((out / "checkpoints").glob("step-*/trainer_state.json")):
+    while time.time() < deadline and not checkpoint_steps(out):
         time.sleep(0.01)
     time.sleep(0.5)  # land somewhere after the first checkpoint, mid-epoch
-    proc.send_signal(signal.SIGKILL)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)  # the trainer is this one process
     proc.wait()
     assert not (out / "metrics.json").exists(), "the run finished before it could be killed"
-    killed_at = json.loads(sorted((out / "checkpoints").glob("step-*/trainer_state.json"))[-1].read_text())
-    assert killed_at["step"] > 0
+    last_checkpoint = checkpoint_steps(out)[-1]
+    assert 0 < last_checkpoint < total, (last_checkpoint, total)
 
     resumed = subprocess.run(
         _train_cmd(synthetic_data, out, "--resume"), env=env, cwd=REPO, capture_output=True, text=True, timeout=600
     )
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "resumed from" in resumed.stderr
-    ref = json.loads((tmp_path / "ref" / "metrics.json").read_text())
+    epoch, batch = divmod(last_checkpoint, per_epoch)
+    assert resumed_from(resumed.stderr) == {(last_checkpoint, epoch, batch)}
     got = json.loads((out / "metrics.json").read_text())
     assert got["samples"] == ref["samples"]
     assert got["steps"] == ref["steps"]
-    assert got["val_logloss"] == pytest.approx(ref["val_logloss"], abs=1e-6)
-    assert got["val_auc"] == pytest.approx(ref["val_auc"], abs=1e-6)
-    assert got["test_logloss"] == pytest.approx(ref["test_logloss"], abs=1e-6)
+    final_got = checkpoint_contents(out, total, tmp_path / "got.pt")
+    final_want = checkpoint_contents(tmp_path / "ref", total, tmp_path / "want.pt")
+    gap, where = largest_difference(final_got, final_want)
+    print(f"resumed from step {last_checkpoint} of {total}: largest difference of the final state {gap:.2e}")
+    assert gap == 0.0, where  # observed 0: one process, the same batches in the same order
+    assert_kinds_present(final_want, ".embedding_bags.", "over_arch", "dense_arch", "momentum1", ".sum")
+    assert got["history"]["train"] == ref["history"]["train"]
+    for key in ("val_logloss", "val_auc", "test_logloss", "test_auc"):
+        assert got[key] == ref[key], key
 
 
 def test_cli_help_documents_every_flag_and_config_file_precedence(tmp_path):
