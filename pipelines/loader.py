@@ -126,8 +126,6 @@ class ParquetBatchLoader:
             raise ValueError(f"streams={streams} must be a positive multiple of world_size={world_size}")
         self.streams = streams if streams is not None and streams > 1 else None  # one stream = the plain order
         if self.streams is not None:
-            if streams < 1 or streams % world_size:
-                raise ValueError(f"streams={streams} must be a positive multiple of world_size={world_size}")
             per_rank = streams // world_size
             if batch_size % per_rank:
                 raise ValueError(f"batch_size {batch_size} is not divisible by the {per_rank} streams of a rank")
@@ -166,11 +164,12 @@ class ParquetBatchLoader:
         return full + (1 if rest and not self.drop_last else 0)
 
     def _epoch_groups(self, epoch: int) -> list[tuple[int, int, int]]:
-        groups = list(self._row_groups)
+        """This rank's row groups (every ``world_size``-th, the same each epoch, as ``num_rows`` counts)."""
+        groups = self._row_groups[self.rank :: self.world_size]
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, 0]).permutation(len(groups))
             groups = [groups[i] for i in order]
-        return groups[self.rank :: self.world_size]
+        return groups
 
     def _read_group(self, file_index: int, group: int) -> _Rows:
         table = self._files[file_index].read_row_group(group)
