@@ -503,7 +503,7 @@ class LSHOutputLayer(nn.Module):
     # -- full scoring ------------------------------------------------------------------
     def full_loss(self, hidden: torch.Tensor, labels: Labels | tuple[torch.Tensor, torch.Tensor, bool]) -> torch.Tensor:
         """The exact loss over all ``C`` classes (the reference the sampled loss approximates)."""
-        if isinstance(labels, tuple) and len(labels) == 3:
+        if isinstance(labels, tuple) and len(labels) == 3 and isinstance(labels[2], bool):  # from forward()
             values, rows, multi = labels
         else:
             values, rows, multi = label_pairs(labels, hidden.shape[0], hidden.device)
