@@ -145,8 +145,10 @@ class LimitsAndMetricsMiddleware:
                 status["code"] = message["status"]
             await send(message)
 
-        await self.app(scope, receive, recording_send)
-        self._record(route, status["code"], start)
+        try:
+            await self.app(scope, receive, recording_send)
+        finally:  # an exception no handler took is answered 500 outside this middleware: count it as one
+            self._record(route, status["code"], start)
 
     def _record(self, route: str, status: int, start: float) -> None:
         self.metrics.latency.labels(route=route).observe(time.perf_counter() - start)

@@ -288,3 +288,20 @@ class LiveServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+
+
+HANG_GUARD_S = 30.0  # the slowest in-process test takes ~1.5 s alone (fixtures built), ~10 s on a loaded machine
+
+
+@pytest.fixture
+def hang_guard():
+    """Ends the test process (exit status 1, every thread's stack dumped) if the test runs over ``HANG_GUARD_S``.
+
+    Why: a ``TestClient`` request waits without a timeout, so a batcher whose worker died (a bug, or a mutant under
+    mutation testing) would hang the run instead of failing it.
+    """
+    import faulthandler
+
+    faulthandler.dump_traceback_later(HANG_GUARD_S, exit=True)
+    yield
+    faulthandler.cancel_dump_traceback_later()
