@@ -161,8 +161,14 @@ def test_load_refuses_a_checkpoint_without_trainer_state(tmp_path):
 
 
 def test_rank_zero_of_a_process_group_publishes_the_checkpoint(tmp_path):
-    """Under torch.distributed only rank 0 writes the trainer state and renames; here a group of one."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    """Under torch.distributed only rank 0 writes the trainer state and renames; here a group of one.
+
+    A trainer built earlier in the same process (service fixtures) may have left its group of one; reuse it.
+    """
+    ours = not dist.is_initialized()
+    if ours:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    assert dist.get_world_size() == 1
     try:
         path = save_checkpoint(tmp_path / "ckpt", 5, _state(1), {"step": 5}, keep=1)
         assert checkpoint_dirs(tmp_path / "ckpt") == [path]
@@ -170,7 +176,8 @@ def test_rank_zero_of_a_process_group_publishes_the_checkpoint(tmp_path):
         assert load_checkpoint(path, state) == {"step": 5}
         _assert_states_equal(state, _state(1))
     finally:
-        dist.destroy_process_group()
+        if ours:
+            dist.destroy_process_group()
 
 
 def _save_on_two_ranks(rank: int, root: str, store: str) -> None:
