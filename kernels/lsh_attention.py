@@ -36,6 +36,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 
+from kernels.lsh import simhash_codes
+
 # Score of a pair that must not be attended (masked key, future key); finite so gradients stay finite.
 MASKED_SCORE_FRACTION = 0.25
 # Reformer's shared-QK self score: attended only when a query has nobody else to attend to.
@@ -98,20 +100,22 @@ def soft_angular_buckets(x: torch.Tensor, rotations: torch.Tensor, temperature: 
     return torch.softmax(torch.cat([rotated, -rotated], dim=-1) / temperature, dim=-1)
 
 
-def simhash_codes(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
-    """``tau``-bit SimHash codes for ``m`` hashes: bit ``b`` of hash ``r`` is ``[x . planes[:, r, b] > 0]``.
+def simhash_sequences(x: torch.Tensor, planes: torch.Tensor) -> torch.Tensor:
+    """``tau``-bit SimHash codes of every position for ``m`` hashes: :func:`kernels.lsh.simhash_codes` per position.
+
+    Bit ``b`` of hash ``r`` is ``[x . planes[:, r, b] > 0]``.
 
     Args:
         x: ``(N, n, d)``.
-        planes: ``(d, m, tau)`` Gaussian hyperplane normals.
+        planes: ``(d, m, tau)`` Gaussian hyperplane normals (hash ``r`` is table ``r`` of ``simhash_codes``).
 
     Returns:
         ``(N, m, n)`` int64 codes in ``[0, 2**tau)``.
     """
-    tau = planes.shape[-1]
-    bits = torch.einsum("Nnd,dmt->Nmnt", x, planes.to(x.dtype)) > 0  # (N, m, n, tau)
-    weights = torch.pow(2, torch.arange(tau, device=x.device, dtype=torch.int64))  # (tau,)
-    return (bits.to(torch.int64) * weights).sum(-1)  # (N, m, n)
+    batch, n, d = x.shape
+    _, m, tau = planes.shape
+    codes = simhash_codes(x.reshape(batch * n, d), planes.reshape(d, m * tau), m, tau)  # (N n, m)
+    return codes.reshape(batch, n, m).transpose(1, 2)
 
 
 def asymmetric_transform(q: torch.Tensor, k: torch.Tensor, key_valid: torch.Tensor | None = None):
@@ -516,8 +520,8 @@ def yoso_attention(
     q_unit, k_unit = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     if key_valid is not None:
         v = v * key_valid[..., None].to(v.dtype)
-    q_codes = simhash_codes(q_unit.detach(), planes)  # (N, m, n)
-    k_codes = simhash_codes(k_unit.detach(), planes)  # (N, m, n)
+    q_codes = simhash_sequences(q_unit.detach(), planes)  # (N, m, n)
+    k_codes = simhash_sequences(k_unit.detach(), planes)  # (N, m, n)
     return YosoCumulation.apply(q_unit, k_unit, v, q_codes, k_codes, planes.shape[-1], block)
 
 

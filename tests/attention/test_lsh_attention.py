@@ -19,8 +19,8 @@ from kernels.lsh_attention import (
     e2lsh_codes,
     e2lsh_collision_probability,
     random_rotations,
-    simhash_codes,
     simhash_collision_probability,
+    simhash_sequences,
     sort_by_bucket,
     yoso_attention,
     yoso_expectation,
@@ -370,7 +370,7 @@ def test_yoso_backward_matches_its_dense_form(N, n, d, m, tau):
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), grad)
 
     qu, ku = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    qc, kc = simhash_codes(qu.detach(), planes), simhash_codes(ku.detach(), planes)
+    qc, kc = simhash_sequences(qu.detach(), planes), simhash_sequences(ku.detach(), planes)
     collide = (qc[..., :, None] == kc[..., None, :]).double().mean(1)  # (N, n, n)
     assert torch.allclose(out, collide @ v, atol=1e-10)
     assert torch.allclose(dv, collide.transpose(1, 2) @ grad, atol=1e-10)
@@ -426,7 +426,7 @@ def test_simhash_collision_rate_matches_formula():
     a, b = _pairs_at_angles(cosines, 16)
     trials, tau = 4000, 3
     planes = torch.randn(16, trials, tau, dtype=torch.float64)
-    ca, cb = simhash_codes(a[None], planes), simhash_codes(b[None], planes)  # (1, trials, pairs)
+    ca, cb = simhash_sequences(a[None], planes), simhash_sequences(b[None], planes)  # (1, trials, pairs)
     rate = (ca == cb).double().mean(1)[0]
     expected = simhash_collision_probability(cosines, tau)
     assert torch.allclose(rate, expected, atol=4 * (0.25 / trials) ** 0.5), (rate, expected)

@@ -1,0 +1,103 @@
+"""The model configs, apart from the modules that build them.
+
+Why a module of their own: the export manifest records these configs whole and the serving
+runtime rebuilds the model from them; keeping them free of torchrec lets serving read them
+without importing the training stack. ``recsys.dlrm`` and ``recsys.tt_collection`` use them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from recsys.tt_embedding import OptimType
+
+
+class TableSpec(Protocol):
+    """What :meth:`TTConfig.is_tt` reads of a table (torchrec's ``EmbeddingBagConfig`` has both)."""
+
+    name: str
+    num_embeddings: int
+
+
+@dataclass(frozen=True)
+class DLRMConfig:
+    """Architecture of a DLRM.
+
+    Args:
+        embedding_dim: width of every embedding table (and of the dense arch's output).
+        dense_arch: layer sizes of the bottom MLP over the 13 dense features; the last
+            must equal ``embedding_dim`` (DLRM interacts it with the embeddings).
+        over_arch: layer sizes of the top MLP; the last must be 1 (one logit).
+        interaction: ``dot`` (DLRM's pairwise dot products) or ``dcn`` (DCN-v2 cross layers).
+        dcn_layers / dcn_low_rank: depth and rank of the DCN cross net.
+    """
+
+    embedding_dim: int = 16
+    dense_arch: tuple[int, ...] = (64, 16)
+    over_arch: tuple[int, ...] = (128, 64, 1)
+    interaction: Literal["dot", "dcn"] = "dot"
+    dcn_layers: int = 2
+    dcn_low_rank: int = 32
+
+    def __post_init__(self) -> None:
+        if self.embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be positive, got {self.embedding_dim}")
+        if not self.dense_arch or self.dense_arch[-1] != self.embedding_dim:
+            raise ValueError(
+                f"dense_arch must end with embedding_dim={self.embedding_dim}, got {list(self.dense_arch)}"
+            )
+        if not self.over_arch or self.over_arch[-1] != 1:
+            raise ValueError(f"over_arch must end with 1, got {list(self.over_arch)}")
+        if self.interaction not in ("dot", "dcn"):
+            raise ValueError(f"interaction must be 'dot' or 'dcn', got {self.interaction!r}")
+
+
+TT_OPTIMIZERS = {
+    "sgd": OptimType.EXACT_SGD,
+    "adagrad": OptimType.EXACT_ADAGRAD,
+    "rowwise_adagrad": OptimType.EXACT_ROWWISE_ADAGRAD,
+}
+
+
+@dataclass(frozen=True)
+class TTConfig:
+    """How the tables of a collection are compressed.
+
+    Args:
+        ranks: TT ranks, one int for all inner ranks or a list of d-1.
+        threshold: tables with more rows than this become TT (TT-Rec leaves small ones dense).
+        tt_tables / dense_tables: table names forced to TT / to dense, whatever their size.
+        optimizer: the fused optimizer of the TT cores (``sgd``, ``adagrad``, ``rowwise_adagrad``).
+        learning_rate, eps: its settings.
+        num_cores: d, the number of cores (2-4), shapes chosen automatically.
+        cache_size: LFU cache rows per TT table (0 = no cache); the tables of a group share
+            one cache of ``cache_size x tables`` rows, filled by frequency across all of them.
+        weight_dist: initialisation of the cores (``kernels.tt.init_cores``).
+    """
+
+    ranks: int | tuple[int, ...] = 16
+    threshold: int = 10_000
+    tt_tables: tuple[str, ...] = ()
+    dense_tables: tuple[str, ...] = ()
+    optimizer: str = "rowwise_adagrad"
+    learning_rate: float = 0.02
+    eps: float = 1.0e-8
+    num_cores: int = 3
+    cache_size: int = 0
+    weight_dist: str = "approx-normal"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in TT_OPTIMIZERS:
+            raise ValueError(f"TT optimizer must be one of {sorted(TT_OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.threshold < 0 or self.cache_size < 0:
+            raise ValueError(f"threshold and cache_size must be >= 0, got {self.threshold}, {self.cache_size}")
+        if set(self.tt_tables) & set(self.dense_tables):
+            raise ValueError(f"tables both forced TT and dense: {sorted(set(self.tt_tables) & set(self.dense_tables))}")
+
+    def is_tt(self, table: TableSpec) -> bool:
+        if table.name in self.tt_tables:
+            return True
+        if table.name in self.dense_tables:
+            return False
+        return table.num_embeddings > self.threshold
