@@ -1,26 +1,35 @@
 # One image for both compose services: the one-shot trainer/exporter and the inference service.
-# CPU build (torch CPU wheel, fbgemm-gpu-cpu); scripts/install.sh does the same outside Docker.
-FROM python:3.11-slim
+# CPU build (torch CPU wheel, fbgemm-gpu-cpu), installed by scripts/install.sh as outside Docker.
+#
+# Two stages: `build` has the compiler and compiles the native TT kernels (setup.py, every x86-64
+# level; the running CPU picks its own); `runtime` copies only the finished virtual environment, so
+# it carries no compiler and compiles nothing when a container starts.
 
-# g++ and ninja: kernels/tt_native compiles its C++ TT kernels on first use (falls back to torch without them)
-RUN apt-get update && apt-get install -y --no-install-recommends g++ ninja-build curl \
+FROM python:3.11-slim AS build
+RUN apt-get update && apt-get install -y --no-install-recommends g++ \
     && rm -rf /var/lib/apt/lists/*
-
-WORKDIR /app
-ENV PYTHONUNBUFFERED=1 RECSYS_VENV=/opt/venv PATH=/opt/venv/bin:$PATH
-
-COPY pyproject.toml README.md ./
+WORKDIR /src
+# a regular (not editable) install without the dev tools, torch from the CPU wheel index
+ENV RECSYS_VENV=/opt/venv RECSYS_EDITABLE=0 RECSYS_EXTRAS= \
+    RECSYS_TORCH_INDEX=https://download.pytorch.org/whl/cpu PIP_NO_CACHE_DIR=1
+COPY pyproject.toml setup.py README.md ./
 COPY scripts ./scripts
 COPY kernels ./kernels
 COPY recsys ./recsys
 COPY pipelines ./pipelines
 COPY service ./service
+RUN bash scripts/install.sh
+
+FROM python:3.11-slim AS runtime
+# libgomp: the OpenMP runtime the kernels and torch use (the build stage had it through g++)
+RUN apt-get update && apt-get install -y --no-install-recommends libgomp1 curl \
+    && rm -rf /var/lib/apt/lists/*
+COPY --from=build /opt/venv /opt/venv
+WORKDIR /app
 COPY configs ./configs
-RUN python -m venv /opt/venv \
-    && pip install --no-cache-dir --index-url https://download.pytorch.org/whl/cpu torch==2.13.0 \
-    && pip install --no-cache-dir fbgemm-gpu-cpu==1.8.0 \
-    && pip install --no-cache-dir . \
-    && pip install --no-cache-dir --no-deps torchrec==1.8.0
+ENV PYTHONUNBUFFERED=1 PATH=/opt/venv/bin:$PATH
+# fails the build if the kernels did not make it into the image (and proves nothing compiles here)
+RUN python -c "from kernels import tt_native; assert tt_native.loaded_level(), 'TT kernels missing'"
 
 EXPOSE 8000
 # the service by default; docker-compose.yml runs the trainer with another command

@@ -1,40 +1,44 @@
-"""Loader of the native CPU TT kernels (``kernels/csrc/tt_kernels.cpp``), built on first use.
+"""The native CPU TT kernels (``kernels/csrc/tt_kernels.cpp``): torch custom ops built at install.
 
 Why: on CPU the torch path of ``kernels.tt`` is dominated by copying one core slice per tree
 node and by per-matrix overheads of tiny batched matmuls; the C++ kernels multiply each core
 slice once against all the nodes that use it, in place. The torch path stays the reference
 (and the CUDA path): ``kernels.tt`` calls :func:`available` and falls back to it whenever the
-tensors are not CPU float32/float64, when autograd must see the computation, when the build
-fails (logged once), or when ``RECSYS_TT_NATIVE=0``.
+tensors are not CPU float32/float64, when autograd must see the computation, when the built
+library is absent (logged once), or when ``RECSYS_TT_NATIVE=0``.
 
-The extension is compiled with ``torch.utils.cpp_extension.load`` (g++, ninja) for the
-building machine's CPU (``-march=native``), so the build directory is keyed by the CPU.
+Nothing is compiled here. ``setup.py`` builds the library at install, once per x86-64 level
+(``default``, ``avx2``, ``avx512``); this module loads the best one the CPU runs, as torch itself
+detected it (``torch.backends.cpu.get_cpu_capability()``, which ``ATEN_CPU_CAPABILITY`` lowers).
+The ops are ``torch.ops.recsys_tt.{forward, backward, sgd, adagrad, rowwise_adagrad}``, with
+fake (meta) implementations below so ``torch.compile`` / ``torch.export`` can trace through them.
 """
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import platform
 import threading
 from pathlib import Path
-from types import ModuleType
+from typing import Any
 
 import torch
 
 log = logging.getLogger(__name__)
 
 ENV_VAR = "RECSYS_TT_NATIVE"
-SOURCE = Path(__file__).parent / "csrc" / "tt_kernels.cpp"
-# -fopenmp: ATen's at::parallel_for is an inline OpenMP region, compiled into the extension; the
-# extension's libgomp.so.1 resolves to the one torch has already loaded (same soname), so there is
-# a single thread pool.
-CFLAGS = ["-O3", "-march=native", "-ffp-contract=fast", "-fopenmp", "-fno-math-errno"]
-LDFLAGS = ["-fopenmp"]
+NAMESPACE = "recsys_tt"
+LIBRARY_DIR = Path(__file__).parent
+# best first; torch's capability names -> the builds that capability can run
+LEVELS_BY_CAPABILITY = {
+    "AVX512": ("avx512", "avx2", "default"),
+    "AVX512_BF16": ("avx512", "avx2", "default"),
+    "AVX512_VNNI": ("avx512", "avx2", "default"),
+    "AVX2": ("avx2", "default"),
+}
 
 _lock = threading.Lock()
-_module: ModuleType | None = None
+_loaded: str | None = None  # the level loaded
 _failed = False
 
 
@@ -43,41 +47,55 @@ def enabled() -> bool:
     return os.environ.get(ENV_VAR, "1").strip().lower() not in ("0", "false", "no", "off")
 
 
-def _cpu_tag() -> str:
-    """A short hash of the CPU model and flags: builds with -march=native must not be shared across CPUs."""
-    text = platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            lines = [ln for ln in f if ln.startswith(("model name", "flags"))][:2]
-        text += "".join(lines)
-    except OSError:
-        pass
-    return hashlib.sha1((text + " ".join(CFLAGS)).encode()).hexdigest()[:10]
+def library_path(level: str) -> Path | None:
+    """The built library of one level (``kernels/_tt_kernels_<level>*.so``), if installed."""
+    found = sorted(LIBRARY_DIR.glob(f"_tt_kernels_{level}.*so")) + sorted(LIBRARY_DIR.glob(f"_tt_kernels_{level}.pyd"))
+    return found[0] if found else None
 
 
-def _build() -> ModuleType:
-    from torch.utils import cpp_extension
-
-    name = f"recsys_tt_kernels_{_cpu_tag()}"
-    return cpp_extension.load(
-        name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS, verbose=False
-    )
+def preferred_levels() -> tuple[str, ...]:
+    """The levels this CPU can run, best first."""
+    return LEVELS_BY_CAPABILITY.get(torch.backends.cpu.get_cpu_capability(), ("default",))
 
 
-def ops() -> ModuleType | None:
-    """The compiled module, building it on the first call; None if disabled or the build failed."""
-    global _module, _failed
-    if not enabled() or _failed:
-        return None
-    if _module is None:
+def _load() -> str | None:
+    for level in preferred_levels():
+        path = library_path(level)
+        if path is not None:
+            torch.ops.load_library(str(path))
+            register_fakes()
+            log.info("native TT kernels: the %s build (%s)", level, path.name)
+            return level
+    return None
+
+
+def loaded_level() -> str | None:
+    """The level whose library is loaded (``avx512``, ``avx2``, ``default``), loading it first; None if none."""
+    global _loaded, _failed
+    if _loaded is None and not _failed:
         with _lock:
-            if _module is None and not _failed:
+            if _loaded is None and not _failed:
                 try:
-                    _module = _build()
-                except Exception as exc:  # missing compiler, ninja or headers: keep working on the torch path
+                    _loaded = _load()
+                except (OSError, RuntimeError) as exc:  # a library built for another torch: keep working
+                    log.warning("native TT kernels could not be loaded (%s); using the torch path", exc)
                     _failed = True
-                    log.warning("native TT kernels unavailable, using the torch path: %s", exc)
-    return _module
+                else:
+                    if _loaded is None:
+                        _failed = True
+                        log.warning(
+                            "native TT kernels are not built (no %s/_tt_kernels_*.so); using the torch path. "
+                            "Build them with `pip install --no-build-isolation -e .` (scripts/install.sh does).",
+                            LIBRARY_DIR,
+                        )
+    return _loaded
+
+
+def ops() -> Any | None:
+    """``torch.ops.recsys_tt`` once the library is loaded; None if disabled or not built."""
+    if not enabled() or loaded_level() is None:
+        return None
+    return getattr(torch.ops, NAMESPACE)
 
 
 def available(*tensors: torch.Tensor) -> bool:
@@ -92,3 +110,28 @@ def available(*tensors: torch.Tensor) -> bool:
         if t.device.type != "cpu" or t.dtype != dtype or (grad and t.requires_grad):
             return False
     return ops() is not None
+
+
+def register_fakes() -> None:
+    """Shapes of the ops' outputs without running them (``torch.compile``, ``torch.export``, ``opcheck``)."""
+
+    @torch.library.register_fake(f"{NAMESPACE}::forward")
+    def _forward(cores, digits, parents, q_shapes):
+        partials, q_prev = [], 1
+        for core, digit, q in zip(cores, digits, q_shapes, strict=True):
+            partials.append(core.new_empty((digit.shape[0], q_prev * q, core.shape[2] // q)))
+            q_prev *= q
+        return partials
+
+    @torch.library.register_fake(f"{NAMESPACE}::backward")
+    def _backward(cores, digits, parents, partials, grad_rows, q_shapes):
+        ctx = torch.library.get_ctx()
+        rows, values = [], []
+        for core in cores:
+            touched = ctx.new_dynamic_size()  # the distinct digits of the batch (at most p_k)
+            rows.append(core.new_empty((touched,), dtype=torch.int64))
+            values.append(core.new_empty((touched, core.shape[1], core.shape[2])))
+        return rows, values
+
+    for name in ("sgd", "adagrad", "rowwise_adagrad"):
+        torch.library.register_fake(f"{NAMESPACE}::{name}")(lambda *args: None)

@@ -11,13 +11,17 @@
 // partial of node t is (Q_{k-1}, N) = (Q_k, r_k) where Q_k = q_1 ... q_k. Level 0 is treated like any
 // other level with a virtual parent partial "1" (Q_{-1} = K = 1).
 //
+// Built ahead of time (setup.py, at install) as torch custom ops in the namespace `recsys_tt`, once per
+// CPU level (x86-64 baseline, AVX2, AVX-512: kernels/tt_native.py loads the one the CPU runs); the
+// 64-byte GCC vectors below become one AVX-512 instruction or are split by the compiler for the others.
+//
 // Threads: ATen's pool (at::parallel_for), with a shared task counter so that uneven groups (skewed
 // traffic) still balance. Results do not depend on the number of threads: every output element is
 // written by one task, in a fixed summation order.
 
-#include <torch/extension.h>
-
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
@@ -793,16 +797,52 @@ void rowwise_adagrad(at::Tensor core, at::Tensor state, const at::Tensor& rows, 
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "TT embedding CPU kernels: prefix-tree forward, backward to the cores, fused optimizers";
-  m.def("forward", &forward, "partials of every level", py::arg("cores"), py::arg("digits"), py::arg("parents"),
-        py::arg("q_shapes"));
-  m.def("backward", &backward, "(rows, values) of every core's gradient", py::arg("cores"), py::arg("digits"),
-        py::arg("parents"), py::arg("partials"), py::arg("grad_rows"), py::arg("q_shapes"));
-  m.def("sgd", &sgd, "core[rows] -= lr * values", py::arg("core"), py::arg("rows"), py::arg("values"),
-        py::arg("lr"));
-  m.def("adagrad", &adagrad, "element-wise Adagrad on core[rows]", py::arg("core"), py::arg("state"),
-        py::arg("rows"), py::arg("values"), py::arg("lr"), py::arg("eps"));
-  m.def("rowwise_adagrad", &rowwise_adagrad, "row-wise Adagrad on core[rows]", py::arg("core"), py::arg("state"),
-        py::arg("rows"), py::arg("values"), py::arg("lr"), py::arg("eps"));
+namespace {
+
+std::vector<at::Tensor> forward_op(at::TensorList cores, at::TensorList digits, at::TensorList parents,
+                                   at::IntArrayRef q_shapes) {
+  return forward(cores.vec(), digits.vec(), parents.vec(), q_shapes.vec());
+}
+
+std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> backward_op(at::TensorList cores, at::TensorList digits,
+                                                                         at::TensorList parents,
+                                                                         at::TensorList partials,
+                                                                         const at::Tensor& grad_rows,
+                                                                         at::IntArrayRef q_shapes) {
+  return backward(cores.vec(), digits.vec(), parents.vec(), partials.vec(), grad_rows, q_shapes.vec());
+}
+
+void sgd_op(at::Tensor core, const at::Tensor& rows, const at::Tensor& values, double lr) {
+  sgd(core, rows, values, lr);
+}
+
+void adagrad_op(at::Tensor core, at::Tensor state, const at::Tensor& rows, const at::Tensor& values, double lr,
+                double eps) {
+  adagrad(core, state, rows, values, lr, eps);
+}
+
+void rowwise_adagrad_op(at::Tensor core, at::Tensor state, const at::Tensor& rows, const at::Tensor& values,
+                        double lr, double eps) {
+  rowwise_adagrad(core, state, rows, values, lr, eps);
+}
+
+}  // namespace
+
+// Schemas: the cores and optimizer state are written in place by the fused updates (Tensor(a!)).
+TORCH_LIBRARY(recsys_tt, m) {
+  m.def("forward(Tensor[] cores, Tensor[] digits, Tensor[] parents, int[] q_shapes) -> Tensor[]");
+  m.def(
+      "backward(Tensor[] cores, Tensor[] digits, Tensor[] parents, Tensor[] partials, Tensor grad_rows, "
+      "int[] q_shapes) -> (Tensor[], Tensor[])");
+  m.def("sgd(Tensor(a!) core, Tensor rows, Tensor values, float lr) -> ()");
+  m.def("adagrad(Tensor(a!) core, Tensor(b!) state, Tensor rows, Tensor values, float lr, float eps) -> ()");
+  m.def("rowwise_adagrad(Tensor(a!) core, Tensor(b!) state, Tensor rows, Tensor values, float lr, float eps) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(recsys_tt, CPU, m) {
+  m.impl("forward", &forward_op);
+  m.impl("backward", &backward_op);
+  m.impl("sgd", &sgd_op);
+  m.impl("adagrad", &adagrad_op);
+  m.impl("rowwise_adagrad", &rowwise_adagrad_op);
 }

@@ -1,9 +1,17 @@
-"""Native CPU TT kernels (kernels/csrc) against the torch path of kernels.tt, which is the reference."""
+"""Native CPU TT kernels (kernels/csrc) against the torch path of kernels.tt, which is the reference.
+
+The library is built at install (setup.py); on x86-64 a missing build is a failure, not a skip. The ops are
+torch custom ops, checked with ``torch.library.opcheck`` (schema, fake tensors, AOT dispatch).
+"""
 
 from __future__ import annotations
 
 import math
+import platform
+import subprocess
+import sys
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -21,7 +29,88 @@ from kernels.tt import (
     tt_rows_naive,
 )
 
-pytestmark = pytest.mark.skipif(tt_native.ops() is None, reason="native TT kernels could not be built")
+
+def test_the_library_is_built_at_install_for_every_x86_level():
+    """scripts/install.sh builds three levels; the one loaded is the best this CPU runs (torch's detection)."""
+    if platform.machine() != "x86_64":
+        pytest.skip("the x86-64 levels are built on x86-64 only")
+    assert {level: tt_native.library_path(level) is not None for level in ("default", "avx2", "avx512")} == {
+        "default": True,
+        "avx2": True,
+        "avx512": True,
+    }
+    assert tt_native.loaded_level() == tt_native.preferred_levels()[0]
+    assert tt_native.ops() is torch.ops.recsys_tt
+
+
+def test_every_level_runs_on_this_cpu_equal_to_the_torch_path(tmp_path):
+    """Each build, loaded alone in a fresh process (one library per process: they share the op names)."""
+    if platform.machine() != "x86_64":
+        pytest.skip("the x86-64 levels are built on x86-64 only")
+    flags = Path("/proc/cpuinfo").read_text()
+    runnable = ["default"] + (["avx2"] if " avx2" in flags else []) + (["avx512"] if " avx512bw" in flags else [])
+    code = (
+        "import sys, torch\n"
+        "from kernels import tt_native\n"
+        "from kernels.tt import PrefixTree, core_shapes, tt_forward\n"
+        "torch.ops.load_library(sys.argv[1]); tt_native.register_fakes()\n"
+        "tt_native._loaded = 'forced'\n"
+        "g = torch.Generator().manual_seed(5)\n"
+        "cores = [torch.randn(s, generator=g) for s in core_shapes((9, 8, 10), (4, 2, 8), (20, 33))]\n"
+        "tree = PrefixTree.build(torch.unique(torch.randint(0, 720, (300,), generator=g)), (9, 8, 10))\n"
+        "native, _ = tt_forward(cores, tree, (4, 2, 8))\n"
+        "tt_native._loaded, tt_native._failed = None, True\n"
+        "reference, _ = tt_forward(cores, tree, (4, 2, 8))\n"
+        "torch.testing.assert_close(native, reference, rtol=1e-5, atol=1e-5)\n"
+        "print('ok')\n"
+    )
+    for level in runnable:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(tt_native.library_path(level))],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0 and done.stdout.strip() == "ok", (level, done.stderr[-2000:])
+
+
+def _op_inputs(dtype):
+    assert tt_native.ops() is not None  # loads the library
+    p, q, ranks = (9, 8, 10), (4, 2, 8), (20, 33)
+    cores = _cores(p, q, ranks, dtype, seed=3)
+    tree = _tree(p, 200, seed=4, zipf=True)
+    digits = [t.long().contiguous() for t in tree.digit]
+    parents = [t.long().contiguous() for t in tree.parent]
+    partials = torch.ops.recsys_tt.forward(cores, digits, parents, list(q))
+    grad_rows = torch.randn(partials[-1].shape[0], math.prod(q), dtype=dtype)
+    return cores, digits, parents, partials, grad_rows, list(q)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_custom_ops_pass_opcheck(dtype):
+    cores, digits, parents, partials, grad_rows, q = _op_inputs(dtype)
+    ops = torch.ops.recsys_tt
+    torch.library.opcheck(ops.forward, (cores, digits, parents, q))
+    torch.library.opcheck(ops.backward, (cores, digits, parents, partials, grad_rows, q))
+    rows = torch.tensor([0, 3, 7])
+    values = torch.randn(3, *cores[1].shape[1:], dtype=dtype)
+    torch.library.opcheck(ops.sgd, (cores[1].clone(), rows, values, 0.1))
+    state = torch.rand_like(cores[1])
+    torch.library.opcheck(ops.adagrad, (cores[1].clone(), state, rows, values, 0.1, 1e-8))
+    row_state = torch.rand(cores[1].shape[0], dtype=dtype)
+    torch.library.opcheck(ops.rowwise_adagrad, (cores[1].clone(), row_state, rows, values, 0.1, 1e-8))
+
+
+def test_forward_compiles_with_torch_compile_without_graph_breaks():
+    """torch.compile sees the op (fake implementation): one graph, the same partials as eager."""
+    cores, digits, parents, _, _, q = _op_inputs(torch.float32)
+
+    def last_partial(cores, digits, parents):
+        return torch.ops.recsys_tt.forward(cores, digits, parents, q)[-1] * 2.0
+
+    compiled = torch.compile(last_partial, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(cores, digits, parents), last_partial(cores, digits, parents))
+
 
 # (p, q, ranks): d = 2, 3, 4; wide (q_k r_k >= 16) and narrow levels; ranks not multiples of 4,
 # below and above one vector (16 floats / 8 doubles); last q of 1, 2, 3, 4 and 8 (each narrow kernel).
