@@ -33,10 +33,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipelines.criteo import NUM_SPARSE
 from pipelines.generate import generate_tsv
 from pipelines.preprocess import PreprocessConfig, Preprocessor
 from pipelines.report import format_table, human_bytes
+from recsys.serving.criteo import NUM_SPARSE
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -46,9 +46,9 @@ from pathlib import Path
 import torch
 from torchrec.datasets.criteo import BinaryCriteoUtils
 
-from pipelines.criteo import NUM_SPARSE
 from pipelines.generate import generate_tsv
 from pipelines.preprocess import PreprocessConfig, Preprocessor
+from recsys.serving.criteo import NUM_SPARSE
 
 DEFAULT_REAL_FILE = "criteo/kaggle_train_head_10k.tsv"
 

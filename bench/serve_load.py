@@ -111,7 +111,7 @@ class _LitBase(ls.LitAPI):
     def setup(self, device) -> None:
         import torch
 
-        from pipelines.export_format import load_exported
+        from recsys.serving import load_exported
 
         torch.set_num_threads(1)
         self.model = load_exported(self.model_dir)

@@ -23,11 +23,11 @@ from pathlib import Path
 
 import torch
 
-from pipelines.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES
 from pipelines.generate import generate_tsv
 from pipelines.preprocess import PreprocessConfig, Preprocessor
 from pipelines.report import format_table, human_bytes
 from pipelines.train import TrainConfig, Trainer, setup_logging
+from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,7 +6,7 @@ Example::
     python -m pipelines.export --checkpoint runs/tt/checkpoints/step-00002000 --out exports/tt \\
         --core-dtype int8 --evaluate
 
-What goes in (``pipelines.export_format`` describes the layout): the model tensors of the
+What goes in (``recsys.serving`` describes the layout): the model tensors of the
 checkpoint (MLPs, dense tables, TT cores with their shapes, and the TT LFU cache rows so the
 served rows are the trained ones; not the optimizer state nor the frequency counts), the
 model config, the feature config (dense transform, hash moduli or frequency vocabularies
@@ -45,8 +45,12 @@ from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from pipelines.checkpoint import TRAINER_STATE_FILE, latest_checkpoint
+from pipelines.cli_config import config_to_dict
 from pipelines.evaluate import binary_metrics
-from pipelines.export_format import (
+from pipelines.loader import ParquetBatchLoader, sparse_ids
+from pipelines.preprocess import VOCAB_FILE, load_metadata
+from pipelines.train import TrainConfig
+from recsys.serving import (
     CATALOGUE_KEY,
     CORE_DTYPES,
     FEATURES_FILE,
@@ -67,9 +71,7 @@ from pipelines.export_format import (
     tt_core_names,
     write_export,
 )
-from pipelines.loader import ParquetBatchLoader
-from pipelines.preprocess import VOCAB_FILE, load_metadata
-from recsys.tt_collection import TTEmbeddingBagCollection
+from recsys.serving.dlrm import InferenceDLRM
 
 log = logging.getLogger("pipelines.export")
 
@@ -124,20 +126,13 @@ def load_checkpoint_tensors(checkpoint: Path, prefix: str = _MODEL_PREFIX) -> di
 
 
 def model_section(config: dict) -> dict:
-    """The manifest's ``model``: what ``export_format.build_model`` needs, from the run's TrainConfig."""
-    ranks = config["tt_ranks"]
+    """The manifest's ``model``: the run's ``DLRMConfig`` and ``TTConfig`` whole (``recsys.serving.build_model``)."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    run = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known})
     return {
-        "embedding_dim": config["embedding_dim"],
-        "dense_arch": list(config["dense_arch"]),
-        "over_arch": list(config["over_arch"]),
-        "interaction": config["interaction"],
-        "embeddings": config["embeddings"],
-        "tt": {
-            "ranks": ranks[0] if len(ranks) == 1 else list(ranks),
-            "threshold": config["tt_threshold"],
-            "num_cores": config["tt_cores"],
-            "cache_size": config["tt_cache_size"],
-        },
+        "embeddings": run.embeddings,
+        "dlrm": config_to_dict(run.model_config()),
+        "tt": config_to_dict(run.tt_config()),
     }
 
 
@@ -163,20 +158,11 @@ def _vocabularies(data_dir: Path, metadata: dict) -> dict[str, np.ndarray]:
         return {name: archive[name].astype(np.uint32) for name in metadata["sparse_features"]}
 
 
-def table_section(model: torch.nn.Module, core_dtype: str) -> dict:
+def table_section(model: InferenceDLRM, core_dtype: str) -> dict:
     """Per table: kind, rows, bytes stored in the export, bytes as a dense table, compression."""
-    collection = model.sparse_arch.embedding_bag_collection
     tables = {}
-    if isinstance(collection, TTEmbeddingBagCollection):
-        report = collection.table_report()
-    else:
-        report = {
-            cfg.name: {"kind": "dense", "rows": cfg.num_embeddings, "bytes": cfg.num_embeddings * cfg.embedding_dim * 4}
-            for cfg in collection.embedding_bag_configs()
-        }
-    dims = {cfg.name: cfg.embedding_dim for cfg in collection.embedding_bag_configs()}
-    for name, entry in report.items():
-        dense_bytes = entry["rows"] * dims[name] * 4
+    for name, entry in model.table_report().items():
+        dense_bytes = entry["dense_bytes"]
         stored = compressed_table_bytes(entry, core_dtype) if entry["kind"] == "tt" else entry["bytes"]
         row = {"kind": entry["kind"], "rows": entry["rows"], "bytes": stored, "dense_bytes": dense_bytes}
         if entry["kind"] == "tt":
@@ -218,7 +204,7 @@ def retrieval_export(run: Path, item_column: str, sparse_columns: list[str]) -> 
     section = {
         "source": {"checkpoint": str(checkpoint), "step": trainer_state.get("step"), "data": metrics.get("data")},
         "encoder": {
-            "kind": "pipelines.train_next_item.HistoryEncoder",
+            "kind": "recsys.sequence_encoders.HistoryEncoder",
             "num_items": num_items,
             "max_len": config.max_len,
             "item_dim": config.item_dim,
@@ -235,7 +221,7 @@ def retrieval_export(run: Path, item_column: str, sparse_columns: list[str]) -> 
     return section, tensors
 
 
-def evaluate_model(model: torch.nn.Module, data_dir: Path, split: str) -> dict | None:
+def evaluate_model(model: InferenceDLRM, data_dir: Path, split: str) -> dict | None:
     """AUC / log loss of a plain DLRM on a split of the preprocessed data (None when the split is empty)."""
     loader = ParquetBatchLoader(data_dir, split, EVAL_BATCH, shuffle=False)
     if loader.num_rows == 0:
@@ -243,7 +229,7 @@ def evaluate_model(model: torch.nn.Module, data_dir: Path, split: str) -> dict |
     logits, labels = [], []
     with torch.inference_mode():
         for batch in loader.batches():
-            logits.append(model(batch.dense_features, batch.sparse_features).reshape(-1))
+            logits.append(model(batch.dense_features, sparse_ids(batch)).reshape(-1))
             labels.append(batch.labels)
     return {k: finite_or_none(v) for k, v in binary_metrics(torch.cat(logits), torch.cat(labels)).items()}
 

@@ -17,8 +17,8 @@ import numpy as np
 import pyarrow.csv as pacsv
 from tqdm import tqdm
 
-from pipelines.criteo import KAGGLE_VOCAB_SIZES, NUM_SPARSE
 from pipelines.synthetic import SyntheticCriteo, SyntheticCriteoConfig
+from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_SPARSE
 
 log = logging.getLogger(__name__)
 

@@ -29,8 +29,8 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipelines.criteo import DENSE_COLUMNS, LABEL, SPARSE_COLUMNS
 from pipelines.preprocess import SPLITS, load_metadata
+from recsys.serving.criteo import DENSE_COLUMNS, LABEL, SPARSE_COLUMNS
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,15 @@ def rows_to_batch(labels: np.ndarray, dense: np.ndarray, sparse: np.ndarray) -> 
         sparse_features=kjt,
         labels=torch.from_numpy(np.ascontiguousarray(labels)),
     )
+
+
+def sparse_ids(batch: Batch) -> torch.Tensor:
+    """``(B, 26)`` ids of a batch with one id per feature per sample: the serving model's input."""
+    kjt = batch.sparse_features
+    values, batch_size = kjt.values(), kjt.stride()
+    if values.numel() != batch_size * len(kjt.keys()):
+        raise ValueError("sparse_ids needs exactly one id per feature per sample")
+    return values.reshape(len(kjt.keys()), batch_size).t().long()
 
 
 class ParquetBatchLoader:

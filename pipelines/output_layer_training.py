@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from pipelines.checkpoint import save_checkpoint
 from pipelines.cli_config import config_to_dict
 from pipelines.report import format_table
 from recsys.lsh_output import FullSoftmaxOutput, LSHConfig, LSHOutputLayer
+from recsys.sequence_encoders import EncoderWithOutput
 
 log = logging.getLogger(__name__)
 
@@ -116,14 +116,6 @@ def build_output_layer(config: OutputLayerConfig, num_classes: int) -> LSHOutput
     if config.output_layer == "lsh":
         return LSHOutputLayer(config.hidden, num_classes, config.lsh_config())
     return FullSoftmaxOutput(config.hidden, num_classes, seed=config.seed)
-
-
-class EncoderWithOutput(nn.Module):
-    """``encoder(batch inputs) -> hidden (B, D)`` followed by the output layer; one state dict for both."""
-
-    def __init__(self, encoder: nn.Module, output: LSHOutputLayer | FullSoftmaxOutput) -> None:
-        super().__init__()
-        self.encoder, self.output = encoder, output
 
 
 def build_optimizers(model: EncoderWithOutput, config: OutputLayerConfig) -> list[torch.optim.Optimizer]:

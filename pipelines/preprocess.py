@@ -2,7 +2,7 @@
 
 Streams the inputs block by block (a file larger than memory works), validates every row
 (malformed rows are counted per reason and reported with line numbers, never dropped
-silently), maps dense and categorical values as ``pipelines.features`` documents, splits
+silently), maps dense and categorical values as ``recsys.serving.features`` documents, splits
 rows into train / validation / test, and writes::
 
     OUT/metadata.json            vocabulary sizes, row counts, shards, options, malformed rows
@@ -35,10 +35,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from pipelines.criteo import DENSE_COLUMNS, LABEL, NUM_SPARSE, SPARSE_COLUMNS
-from pipelines.features import CategoryCounter, HashMapping, VocabMapping, decode_hex, transform_dense
+from pipelines.features import CategoryCounter
 from pipelines.synthetic import hash_uniform
 from pipelines.tsv import MalformedReport, ParsedBlock, count_lines, read_log
+from recsys.serving.criteo import DENSE_COLUMNS, LABEL, NUM_SPARSE, SPARSE_COLUMNS
+from recsys.serving.features import HashMapping, VocabMapping, decode_hex, transform_dense
 
 log = logging.getLogger(__name__)
 

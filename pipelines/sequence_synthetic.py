@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
 from pipelines.synthetic import SyntheticCriteo, SyntheticCriteoConfig
+from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
 
 # Small Criteo vocabularies (as the tests' synthetic log uses), so short runs see hot categories often.
 SMALL_VOCABS: tuple[int, ...] = (50, 40, 2000, 1500, 30, 10, 300, 60, 3, 800, 200, 1800, 100,

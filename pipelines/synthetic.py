@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from pipelines.criteo import (
+from recsys.serving.criteo import (
     DENSE_COLUMNS,
     KAGGLE_DENSE_MISSING,
     KAGGLE_SPARSE_MISSING,

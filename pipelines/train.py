@@ -16,7 +16,6 @@ import json
 import logging
 import math
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -40,6 +39,7 @@ from pipelines.loader import ParquetBatchLoader, placeholder_batch
 from pipelines.preprocess import load_metadata
 from pipelines.report import format_table, human_bytes, plot_curves
 from recsys.dlrm import DLRMConfig, build_dense_collection, build_dlrm, table_bytes, table_configs
+from recsys.logs import setup_logging as configure_logging
 from recsys.tt_collection import TTConfig, TTEmbeddingBagCollection, tt_parameter_names
 
 log = logging.getLogger("pipelines.train")
@@ -483,29 +483,9 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _drop_library_chatter(record: logging.LogRecord) -> bool:
-    """torchrec and fbgemm log planner notes as root-logger warnings; keep only their errors."""
-    noisy = any(part in record.pathname for part in ("/torchrec/", "/fbgemm_gpu/", "/torch/"))
-    return record.levelno >= logging.ERROR or not noisy
-
-
 def setup_logging(out_dir: Path | None = None) -> None:
-    """Readable logs: ours at INFO, the libraries' chatter (torchrec, fbgemm, DDP) silenced."""
-    handlers: list[logging.Handler] = [logging.StreamHandler()]
-    if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(out_dir / "train.log"))
-    for handler in handlers:
-        handler.addFilter(_drop_library_chatter)
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", handlers=handlers, force=True
-    )
-    for ours in ("pipelines", "recsys", "kernels", "service"):
-        logging.getLogger(ours).setLevel(logging.INFO)
-    for noisy in ("torchrec", "torch", "fbgemm_gpu"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    for category in (UserWarning, FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category, module=r"(torch|torchrec|fbgemm_gpu)(\.|$)")
+    """Readable logs at INFO, also into ``OUT/train.log`` when a run directory is given."""
+    configure_logging("INFO", out_dir / "train.log" if out_dir is not None else None)
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -20,11 +20,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from pipelines.cli_config import add_dataclass_arguments, build_config, config_to_dict
 from pipelines.output_layer_training import (
-    EncoderWithOutput,
     OutputLayerConfig,
     build_output_layer,
     finish_run,
@@ -33,6 +31,7 @@ from pipelines.output_layer_training import (
 )
 from pipelines.sequences import next_item_splits, read_sequences
 from pipelines.train import setup_logging
+from recsys.sequence_encoders import EncoderWithOutput, HistoryEncoder
 
 log = logging.getLogger("pipelines.train_next_item")
 K = 10
@@ -46,28 +45,6 @@ class NextItemConfig(OutputLayerConfig):
     item_dim: int = field(default=64, metadata={"help": "width of the input item embeddings"})
     dropout: float = field(default=0.2, metadata={"help": "dropout on the history embeddings"})
     epochs: int = field(default=8, metadata={"help": "passes over the train split"})
-
-
-class HistoryEncoder(nn.Module):
-    """``(B, T)`` item ids (``-1`` = padding, most recent last) -> ``(B, hidden)``.
-
-    Position-aware mean of the history and the last item, through a two-layer MLP.
-    """
-
-    def __init__(self, num_items: int, max_len: int, item_dim: int, hidden: int, dropout: float) -> None:
-        super().__init__()
-        self.items = nn.Embedding(num_items + 1, item_dim, padding_idx=num_items)
-        self.positions = nn.Embedding(max_len, item_dim)
-        self.dropout = nn.Dropout(dropout)
-        self.mlp = nn.Sequential(nn.Linear(2 * item_dim, hidden), nn.GELU(), nn.Linear(hidden, hidden))
-        self.pad = num_items
-
-    def forward(self, history: torch.Tensor) -> torch.Tensor:
-        mask = history >= 0  # (B, T)
-        ids = torch.where(mask, history, torch.full_like(history, self.pad))
-        x = self.dropout(self.items(ids) + self.positions.weight)  # (B, T, d)
-        mean = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, d)
-        return self.mlp(torch.cat([mean, x[:, -1]], dim=-1))  # (B, hidden)
 
 
 @torch.no_grad()

@@ -21,12 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from pipelines.cli_config import add_dataclass_arguments, build_config, config_to_dict
 from pipelines.output_layer_training import (
-    EncoderWithOutput,
     OutputLayerConfig,
     build_output_layer,
     finish_run,
@@ -35,6 +32,7 @@ from pipelines.output_layer_training import (
 )
 from pipelines.train import setup_logging
 from pipelines.xmc_data import XMCData, read_xmc
+from recsys.sequence_encoders import EncoderWithOutput, SparseFeatureEncoder
 
 log = logging.getLogger("pipelines.train_xmc")
 KS = (1, 3, 5)
@@ -47,27 +45,6 @@ class XMCConfig(OutputLayerConfig):
     encoder_width: int = field(default=512, metadata={"help": "width of the encoder's sparse layer"})
     dropout: float = field(default=0.2, metadata={"help": "dropout after the sparse layer"})
     val_fraction: float = field(default=0.1, metadata={"help": "train rows held out for the per-epoch curve"})
-
-
-class SparseFeatureEncoder(nn.Module):
-    """``(indices, values, offsets)`` CSR features -> ``(B, hidden)``: weighted bag, ReLU, linear.
-
-    Row values are L2-normalised first, so documents of any length land on one scale.
-    """
-
-    def __init__(self, num_features: int, width: int, hidden: int, dropout: float) -> None:
-        super().__init__()
-        self.bag = nn.EmbeddingBag(num_features, width, mode="sum")
-        self.bias = nn.Parameter(torch.zeros(width))
-        self.dropout = nn.Dropout(dropout)
-        self.proj = nn.Linear(width, hidden)
-
-    def forward(self, indices: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
-        rows = torch.repeat_interleave(torch.arange(offsets.numel() - 1, device=offsets.device), offsets.diff())
-        norm = torch.zeros(offsets.numel() - 1, device=values.device).index_add_(0, rows, values * values).sqrt()
-        weights = values / norm.clamp(min=1e-12)[rows]
-        x = self.bag(indices, offsets[:-1], per_sample_weights=weights) + self.bias  # (B, width)
-        return self.proj(self.dropout(F.relu(x)))  # (B, hidden)
 
 
 def _to(device: torch.device, *tensors):

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
-from pipelines.criteo import DENSE_COLUMNS, LABEL, NUM_COLUMNS, RAW_COLUMNS, SPARSE_COLUMNS
+from recsys.serving.criteo import DENSE_COLUMNS, LABEL, NUM_COLUMNS, RAW_COLUMNS, SPARSE_COLUMNS
 
 MALFORMED_REASONS = ("wrong_column_count", "bad_label", "non_numeric_integer", "bad_hex")
 _INTEGER_PATTERN = r"^-?[0-9]{1,18}$"

@@ -1,8 +1,25 @@
-"""Models and modules: TT-compressed embeddings, their torchrec collection, the LSH output layer."""
+"""Models and modules: TT-compressed embeddings, their torchrec collection, the LSH output layer.
 
-from recsys.lsh_output import FullSoftmaxOutput, LSHConfig, LSHOutputLayer
-from recsys.tt_collection import TTConfig, TTEmbeddingBagCollection
-from recsys.tt_embedding import OptimType, TableBatchedTTEmbeddingBag, TTEmbeddingBag
+Names are imported on first use (PEP 562): ``TTEmbeddingBagCollection`` needs torchrec, whose import
+pulls in ``torch.distributed`` checkpointing and FBGEMM, and the serving runtime (``recsys.serving``)
+must not pay for that just by importing a ``recsys`` module.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_HOMES = {
+    "FullSoftmaxOutput": "recsys.lsh_output",
+    "LSHConfig": "recsys.lsh_output",
+    "LSHOutputLayer": "recsys.lsh_output",
+    "TTConfig": "recsys.configs",
+    "TTEmbeddingBagCollection": "recsys.tt_collection",
+    "OptimType": "recsys.tt_embedding",
+    "TableBatchedTTEmbeddingBag": "recsys.tt_embedding",
+    "TTEmbeddingBag": "recsys.tt_embedding",
+}
 
 __all__ = [
     "FullSoftmaxOutput",
@@ -14,3 +31,21 @@ __all__ = [
     "TTEmbeddingBagCollection",
     "TableBatchedTTEmbeddingBag",
 ]
+
+if TYPE_CHECKING:
+    from recsys.configs import TTConfig
+    from recsys.lsh_output import FullSoftmaxOutput, LSHConfig, LSHOutputLayer
+    from recsys.tt_collection import TTEmbeddingBagCollection
+    from recsys.tt_embedding import OptimType, TableBatchedTTEmbeddingBag, TTEmbeddingBag
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _HOMES:
+        raise AttributeError(f"module 'recsys' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

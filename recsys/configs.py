@@ -12,6 +12,10 @@ from typing import Literal, Protocol
 
 from recsys.tt_embedding import OptimType
 
+FBGEMM_EPS = 1.0e-8
+"""``eps`` of the trainer's row-wise Adagrad: FBGEMM's / torchrec's default, which the dense tables train with
+(``TTEmbeddingBag`` itself keeps FBTT's ``1e-10``, ``recsys.tt_embedding.FBTT_EPS``, as a drop-in module)."""
+
 
 class TableSpec(Protocol):
     """What :meth:`TTConfig.is_tt` reads of a table (torchrec's ``EmbeddingBagConfig`` has both)."""
@@ -82,7 +86,7 @@ class TTConfig:
     dense_tables: tuple[str, ...] = ()
     optimizer: str = "rowwise_adagrad"
     learning_rate: float = 0.02
-    eps: float = 1.0e-8
+    eps: float = FBGEMM_EPS
     num_cores: int = 3
     cache_size: int = 0
     weight_dist: str = "approx-normal"

@@ -8,8 +8,6 @@ sizes of a dataset into ``EmbeddingBagConfig`` s and the architecture, so every 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Literal
 
 import torch
 from torch import nn
@@ -17,38 +15,9 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.models.dlrm import DLRM, DLRM_DCN
 from torchrec.modules.embedding_configs import data_type_to_dtype
 
+from recsys.configs import DLRMConfig
 
-@dataclass(frozen=True)
-class DLRMConfig:
-    """Architecture of a DLRM.
-
-    Args:
-        embedding_dim: width of every embedding table (and of the dense arch's output).
-        dense_arch: layer sizes of the bottom MLP over the 13 dense features; the last
-            must equal ``embedding_dim`` (DLRM interacts it with the embeddings).
-        over_arch: layer sizes of the top MLP; the last must be 1 (one logit).
-        interaction: ``dot`` (DLRM's pairwise dot products) or ``dcn`` (DCN-v2 cross layers).
-        dcn_layers / dcn_low_rank: depth and rank of the DCN cross net.
-    """
-
-    embedding_dim: int = 16
-    dense_arch: tuple[int, ...] = (64, 16)
-    over_arch: tuple[int, ...] = (128, 64, 1)
-    interaction: Literal["dot", "dcn"] = "dot"
-    dcn_layers: int = 2
-    dcn_low_rank: int = 32
-
-    def __post_init__(self) -> None:
-        if self.embedding_dim < 1:
-            raise ValueError(f"embedding_dim must be positive, got {self.embedding_dim}")
-        if not self.dense_arch or self.dense_arch[-1] != self.embedding_dim:
-            raise ValueError(
-                f"dense_arch must end with embedding_dim={self.embedding_dim}, got {list(self.dense_arch)}"
-            )
-        if not self.over_arch or self.over_arch[-1] != 1:
-            raise ValueError(f"over_arch must end with 1, got {list(self.over_arch)}")
-        if self.interaction not in ("dot", "dcn"):
-            raise ValueError(f"interaction must be 'dot' or 'dcn', got {self.interaction!r}")
+__all__ = ["DLRMConfig", "build_dense_collection", "build_dlrm", "table_bytes", "table_configs"]
 
 
 def table_configs(vocab_sizes: Mapping[str, int], embedding_dim: int) -> list[EmbeddingBagConfig]:

@@ -12,63 +12,16 @@ and ``DLRM_DCN`` take it as their ``embedding_bag_collection`` unchanged.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
+from recsys.configs import TT_OPTIMIZERS, TTConfig
 from recsys.tt_embedding import OptimType, TableBatchedTTEmbeddingBag, TTEmbeddingBag
 
-TT_OPTIMIZERS = {
-    "sgd": OptimType.EXACT_SGD,
-    "adagrad": OptimType.EXACT_ADAGRAD,
-    "rowwise_adagrad": OptimType.EXACT_ROWWISE_ADAGRAD,
-}
-
-
-@dataclass(frozen=True)
-class TTConfig:
-    """How the tables of a collection are compressed.
-
-    Args:
-        ranks: TT ranks, one int for all inner ranks or a list of d-1.
-        threshold: tables with more rows than this become TT (TT-Rec leaves small ones dense).
-        tt_tables / dense_tables: table names forced to TT / to dense, whatever their size.
-        optimizer: the fused optimizer of the TT cores (``sgd``, ``adagrad``, ``rowwise_adagrad``).
-        learning_rate, eps: its settings.
-        num_cores: d, the number of cores (2-4), shapes chosen automatically.
-        cache_size: LFU cache rows per TT table (0 = no cache); the tables of a group share
-            one cache of ``cache_size x tables`` rows, filled by frequency across all of them.
-        weight_dist: initialisation of the cores (``kernels.tt.init_cores``).
-    """
-
-    ranks: int | tuple[int, ...] = 16
-    threshold: int = 10_000
-    tt_tables: tuple[str, ...] = ()
-    dense_tables: tuple[str, ...] = ()
-    optimizer: str = "rowwise_adagrad"
-    learning_rate: float = 0.02
-    eps: float = 1.0e-8
-    num_cores: int = 3
-    cache_size: int = 0
-    weight_dist: str = "approx-normal"
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in TT_OPTIMIZERS:
-            raise ValueError(f"TT optimizer must be one of {sorted(TT_OPTIMIZERS)}, got {self.optimizer!r}")
-        if self.threshold < 0 or self.cache_size < 0:
-            raise ValueError(f"threshold and cache_size must be >= 0, got {self.threshold}, {self.cache_size}")
-        if set(self.tt_tables) & set(self.dense_tables):
-            raise ValueError(f"tables both forced TT and dense: {sorted(set(self.tt_tables) & set(self.dense_tables))}")
-
-    def is_tt(self, table: EmbeddingBagConfig) -> bool:
-        if table.name in self.tt_tables:
-            return True
-        if table.name in self.dense_tables:
-            return False
-        return table.num_embeddings > self.threshold
+__all__ = ["TT_OPTIMIZERS", "OptimType", "TTConfig", "TTEmbeddingBagCollection", "tt_modules", "tt_parameter_names"]
 
 
 class TTEmbeddingBagCollection(nn.Module):

@@ -149,11 +149,17 @@ def _resolve_shapes(
     return p, q, ranks, embedding_dim
 
 
+FBTT_EPS = 1.0e-10
+"""Adagrad's ``eps`` default of the module API, as FBTT-Embedding's ``TTEmbeddingBag`` has it (drop-in).
+
+The trainer's :class:`recsys.configs.TTConfig` uses FBGEMM's and torchrec's ``1e-8`` instead, the value
+its dense tables train with; both are the defaults of the API they mirror."""
+
 # TTEmbeddingBag's keyword defaults, for TableBatchedTTEmbeddingBag's **options
 _DEFAULT_OPTIONS = dict(
     optimizer=OptimType.SGD,
     learning_rate=0.1,
-    eps=1.0e-10,
+    eps=FBTT_EPS,
     sparse=True,
     use_cache=False,
     cache_size=0,
@@ -205,7 +211,7 @@ class TTEmbeddingBag(nn.Module):
         tt_q_shapes: Sequence[int] | None = None,
         optimizer: OptimType = OptimType.SGD,
         learning_rate: float = 0.1,
-        eps: float = 1.0e-10,
+        eps: float = FBTT_EPS,
         sparse: bool = True,
         use_cache: bool = False,
         cache_size: int = 0,

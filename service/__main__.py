@@ -11,12 +11,11 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import sys
-import warnings
 
 import uvicorn
 
-from pipelines.export_format import ExportFormatError, read_manifest
+from recsys.logs import setup_logging
+from recsys.serving import ExportFormatError, read_manifest
 from service.app import create_app
 from service.settings import ENV_PREFIX, add_arguments, settings_from, to_environment
 
@@ -33,19 +32,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(p)
     return p
-
-
-def setup_logging(level: str) -> None:
-    """One readable format for ours and uvicorn's lines; torch's and torchrec's chatter silenced."""
-    logging.basicConfig(
-        level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True
-    )
-    for ours in ("service", "pipelines", "recsys", "uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(ours).setLevel(level.upper())
-    for noisy in ("torchrec", "torch", "fbgemm_gpu"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
-    for category in (UserWarning, FutureWarning, DeprecationWarning):
-        warnings.filterwarnings("ignore", category=category)
 
 
 def main(argv: list[str] | None = None) -> None:

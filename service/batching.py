@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from pipelines.export_format import ExportedModel
+from recsys.serving import ExportedModel
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)

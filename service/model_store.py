@@ -14,7 +14,7 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipelines.export_format import MANIFEST_DIGEST_FILE, ExportedModel, ExportFormatError, load_exported
+from recsys.serving import MANIFEST_DIGEST_FILE, ExportedModel, ExportFormatError, load_exported
 from service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)

@@ -10,8 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints
 
-from pipelines.criteo import DENSE_COLUMNS, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
-from pipelines.export_format import HEX_PATTERN, MAX_DENSE_ABS
+from recsys.serving import HEX_PATTERN, MAX_DENSE_ABS
+from recsys.serving.criteo import DENSE_COLUMNS, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
 
 MAX_ROWS = 4096
 MAX_CANDIDATES = 4096

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.criteo import NUM_SPARSE
 from pipelines.generate import generate_tsv
 from pipelines.preprocess import PreprocessConfig, Preprocessor
+from recsys.serving.criteo import NUM_SPARSE
 from tests.pipelines.resume_checks import (
     assert_kinds_present,
     checkpoint_contents,

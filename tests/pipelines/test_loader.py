@@ -15,9 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.criteo import DENSE_COLUMNS, LABEL, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
 from pipelines.loader import ParquetBatchLoader, placeholder_batch, rows_to_batch
 from pipelines.preprocess import FORMAT_VERSION, METADATA_FILE, PreprocessConfig, Preprocessor, load_metadata
+from recsys.serving.criteo import DENSE_COLUMNS, LABEL, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
 
 COLUMNS = [LABEL, *DENSE_COLUMNS, *SPARSE_COLUMNS]
 GROUP_ROWS = 200

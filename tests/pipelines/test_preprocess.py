@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.criteo import DENSE_COLUMNS, NUM_SPARSE, SPARSE_COLUMNS
 from pipelines.preprocess import PreprocessConfig, Preprocessor, load_metadata, main
+from recsys.serving.criteo import DENSE_COLUMNS, NUM_SPARSE, SPARSE_COLUMNS
 
 
 def _line(label: int, dense: list, sparse: list) -> str:

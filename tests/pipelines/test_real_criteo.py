@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import preprocess, train
-from pipelines.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES
+from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES
 
 REPO = Path(__file__).resolve().parents[2]
 FILES = ("kaggle_train_head_10k.tsv", "kaggle_misc_samples.tsv", "terabyte_day0_part_10k.tsv")

@@ -9,8 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.features import HashMapping, VocabMapping, decode_hex, transform_dense
 from pipelines.tsv import MalformedReport, count_lines, read_log
+from recsys.serving.features import HashMapping, VocabMapping, decode_hex, transform_dense
 
 
 def _row(label="0", dense=None, sparse=None) -> str:

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.criteo import RAW_COLUMNS
 from pipelines.export import export_checkpoint
 from pipelines.generate import generate_tsv
 from pipelines.loader import ParquetBatchLoader
@@ -27,6 +26,7 @@ from pipelines.preprocess import VOCAB_FILE, PreprocessConfig, Preprocessor, loa
 from pipelines.train import TrainConfig, Trainer
 from pipelines.train_next_item import NextItemConfig
 from pipelines.train_next_item import run as train_next_item
+from recsys.serving.criteo import RAW_COLUMNS
 
 REPO = Path(__file__).resolve().parents[2]
 COMMON = dict(batch_size=256, eval_batch_size=2048, checkpoint_every=0, shuffle_buffer=4096, log_every=5, seed=0)
@@ -219,7 +219,7 @@ def training_logits(trainer: Trainer, loader: ParquetBatchLoader) -> np.ndarray:
 def training_scores(trainer: Trainer, dense: list, sparse: list, workdir: Path) -> np.ndarray:
     """Click probabilities of raw rows from the training process: preprocessing, the training model, a sigmoid.
 
-    The reference of the served scores: it runs no code of ``pipelines.export_format`` nor of ``service``.
+    The reference of the served scores: it runs no code of ``recsys.serving`` nor of ``service``.
     """
     workdir.mkdir(parents=True, exist_ok=True)
     return sigmoid(training_logits(trainer, preprocessed_as_in_training(dense, sparse, trainer.data_dir, workdir)))
@@ -246,12 +246,14 @@ class LiveServer:
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})},
         )
-        deadline = time.time() + 60
+        start = time.time()
+        deadline = start + 60
         while time.time() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log.read_text()}")
             try:
                 if self.get("/readyz")[0] == 200:
+                    self.ready_seconds = time.time() - start  # process start -> /readyz answers 200
                     return
             except OSError:
                 pass

@@ -14,8 +14,10 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from service.app import LimitsAndMetricsMiddleware, ServiceError, _describe, _field_path, create_app
+from service.app import create_app
+from service.errors import ServiceError, _describe, _field_path
 from service.metrics import ServiceMetrics
+from service.middleware import LimitsAndMetricsMiddleware
 from service.settings import Settings
 
 from .conftest import random_rows, training_scores

@@ -20,10 +20,10 @@ from fastapi.testclient import TestClient
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
-import service.__main__
-from pipelines.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
+import service.app
 from pipelines.export import export_checkpoint
-from pipelines.export_format import MODEL_FILE
+from recsys.serving import MODEL_FILE
+from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
 from service.app import app_from_environment, create_app
 from service.settings import Settings
 
@@ -368,7 +368,7 @@ def test_a_server_error_is_a_500_and_is_counted(dense_export):
 def test_app_from_environment(dense_export, monkeypatch):
     """What each ``--workers`` process runs: settings from RECSYS_* variables, logging set up at their level."""
     levels = []
-    monkeypatch.setattr(service.__main__, "setup_logging", levels.append)
+    monkeypatch.setattr(service.app, "setup_logging", levels.append)
     monkeypatch.setenv("RECSYS_MODEL", str(dense_export))
     monkeypatch.setenv("RECSYS_MAX_BODY_BYTES", "1000")
     monkeypatch.setenv("RECSYS_LOG_LEVEL", "warning")

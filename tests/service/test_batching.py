@@ -18,7 +18,7 @@ from contextlib import asynccontextmanager
 import numpy as np
 import pytest
 
-from pipelines.export_format import load_exported
+from recsys.serving import load_exported
 from service.batching import MicroBatcher, QueueFullError
 from service.metrics import ServiceMetrics
 

@@ -14,10 +14,10 @@ import torch
 
 from pipelines.checkpoint import TRAINER_STATE_FILE, latest_checkpoint
 from pipelines.export import evaluate_model, export_checkpoint
-from pipelines.export_format import MODEL_FILE, load_exported, read_manifest, read_tensors
-from pipelines.loader import ParquetBatchLoader
+from pipelines.loader import ParquetBatchLoader, sparse_ids
 from pipelines.preprocess import PreprocessConfig, Preprocessor
 from pipelines.train import TrainConfig, Trainer
+from recsys.serving import MODEL_FILE, load_exported, read_manifest, read_tensors
 
 from .conftest import REPO, LiveServer, random_rows, training_scores
 
@@ -60,7 +60,7 @@ def test_two_rank_checkpoint_is_exported_and_served(two_rank_run, tmp_path):
     batch = next(ParquetBatchLoader(data, "validation", 700, shuffle=False).batches())
     with torch.no_grad():
         _, (_, restored_logits, _) = trainer.model(batch)
-        served_logits = exported.model(batch.dense_features, batch.sparse_features)
+        served_logits = exported.model(batch.dense_features, sparse_ids(batch))
     # observed 0 (the same float32 ops); 1e-6 is ~2 float32 ulps of the largest logits (|x| < 8)
     torch.testing.assert_close(served_logits.reshape(-1), restored_logits.reshape(-1), rtol=0, atol=1e-6)
     stored = read_tensors(export, read_manifest(export), MODEL_FILE)

@@ -19,9 +19,12 @@ import torch
 from safetensors.torch import load_file
 
 from pipelines.checkpoint import latest_checkpoint
-from pipelines.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
 from pipelines.export import build_parser, export_checkpoint, features_section, load_checkpoint_tensors
-from pipelines.export_format import (
+from pipelines.loader import ParquetBatchLoader, sparse_ids
+from pipelines.preprocess import PreprocessConfig, Preprocessor, load_metadata
+from pipelines.train import Trainer
+from pipelines.tsv import MalformedReport, read_log
+from recsys.serving import (
     FEATURES_FILE,
     MANIFEST_DIGEST_FILE,
     MANIFEST_FILE,
@@ -33,11 +36,9 @@ from pipelines.export_format import (
     load_exported,
     read_manifest,
     read_tensors,
+    sha256_bytes,
 )
-from pipelines.loader import ParquetBatchLoader
-from pipelines.preprocess import PreprocessConfig, Preprocessor, load_metadata
-from pipelines.train import Trainer
-from pipelines.tsv import MalformedReport, read_log
+from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
 
 from .conftest import ITEM_COLUMN, NUM_ITEMS, REPO, sigmoid, training_logits
 
@@ -65,6 +66,39 @@ def test_round_trip_is_exact(kind, request):
 
 
 @pytest.mark.parametrize("kind", ["dense", "tt"])
+def test_manifest_holds_the_configs_whole_and_format_1_still_loads(kind, request, tmp_path):
+    """Format 2 writes DLRMConfig and TTConfig whole; an export of format 1 (architecture flat) loads the same."""
+    import shutil
+
+    from recsys.configs import DLRMConfig, TTConfig
+
+    export, trainer = request.getfixturevalue(f"{kind}_export"), request.getfixturevalue(f"{kind}_trainer")
+    manifest = read_manifest(export)
+    assert manifest["format_version"] == 2
+    assert DLRMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["model"]["dlrm"].items()}) == (
+        trainer.config.model_config()
+    )
+    tt = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["model"]["tt"].items()}
+    assert TTConfig(**tt) == trainer.config.tt_config()
+
+    old = tmp_path / "format1"
+    shutil.copytree(export, old)
+    section = manifest["model"]
+    flat = {**{k: section["dlrm"][k] for k in ("embedding_dim", "dense_arch", "over_arch", "interaction")}}
+    flat |= {"embeddings": section["embeddings"]}
+    flat["tt"] = {k: section["tt"][k] for k in ("ranks", "threshold", "num_cores", "cache_size")}
+    text = json.dumps({**manifest, "format_version": 1, "model": flat}, indent=2).encode()
+    (old / MANIFEST_FILE).write_bytes(text)
+    (old / MANIFEST_DIGEST_FILE).write_text(sha256_bytes(text) + "\n")
+    rng = np.random.default_rng(5)
+    dense = rng.integers(0, 50, (40, 13)).tolist()
+    sparse = [[f"{int(v):x}" for v in rng.integers(0, 3000, 26)] for _ in range(40)]
+    np.testing.assert_array_equal(
+        load_exported(old).score_rows(dense, sparse), load_exported(export).score_rows(dense, sparse)
+    )
+
+
+@pytest.mark.parametrize("kind", ["dense", "tt"])
 def test_exported_model_scores_equal_the_trained_model(kind, request):
     """The export's logits and click probabilities == the model of the training process (by-hand sigmoid)."""
     trainer, export = request.getfixturevalue(f"{kind}_trainer"), request.getfixturevalue(f"{kind}_export")
@@ -73,7 +107,7 @@ def test_exported_model_scores_equal_the_trained_model(kind, request):
     batch = next(loader.batches())
     reference = training_logits(trainer, loader)[:700]
     with torch.no_grad():
-        served = exported.model(batch.dense_features, batch.sparse_features).reshape(-1).double().numpy()
+        served = exported.model(batch.dense_features, sparse_ids(batch)).reshape(-1).double().numpy()
     # observed: equal (max |diff| 0, the same float32 ops); 1e-6 is ~2 float32 ulps of the largest logits (|x| < 8)
     np.testing.assert_allclose(served, reference, rtol=0, atol=1e-6)
     ids = batch.sparse_features.to_dict()
@@ -276,7 +310,7 @@ def test_a_missing_manifest_is_refused(dense_export, tmp_path):
 
 def test_interrupted_export_leaves_the_previous_one(dense_run, tmp_path, monkeypatch):
     """An exception half-way (tensors written, manifest not) changes nothing; the target still loads as before."""
-    import pipelines.export_format as fmt
+    import recsys.serving.format as fmt
 
     target = tmp_path / "export"
     export_checkpoint(dense_run, target, version="v1")
@@ -302,7 +336,7 @@ def test_killed_export_leaves_the_previous_one(dense_run, tmp_path):
     export_checkpoint(dense_run, target, version="v1")
     script = (
         "import sys, time\n"
-        "import pipelines.export_format as fmt\n"
+        "import recsys.serving.format as fmt\n"
         "from pipelines.export import main\n"
         "fmt._publish = lambda tmp, target: time.sleep(600)\n"
         "main(sys.argv[1:])\n"

@@ -17,11 +17,12 @@ from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from pipelines.checkpoint import latest_checkpoint
-from pipelines.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
 from pipelines.export import export_checkpoint, load_checkpoint_tensors
-from pipelines.export_format import MODEL_FILE, load_exported
-from pipelines.output_layer_training import EncoderWithOutput, build_output_layer
-from pipelines.train_next_item import HistoryEncoder, NextItemConfig
+from pipelines.output_layer_training import build_output_layer
+from pipelines.train_next_item import NextItemConfig
+from recsys.sequence_encoders import EncoderWithOutput, HistoryEncoder
+from recsys.serving import MODEL_FILE, load_exported
+from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
 from service.app import create_app
 from service.settings import Settings, settings_from
 

@@ -1,0 +1,83 @@
+"""What the routes share, as FastAPI dependencies: the served model and the scoring through the batcher.
+
+The app's parts (settings, model store, micro-batcher, metrics) live on ``app.state``, set once by
+``service.app.create_app``; a route asks for what it needs with ``Depends``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+import numpy as np
+from fastapi import Depends, Request
+from fastapi.responses import Response
+from pydantic import BaseModel
+
+from recsys.serving import ExportedModel
+from service.batching import MicroBatcher, QueueFullError
+from service.errors import ServiceError
+from service.metrics import ServiceMetrics
+from service.model_store import ModelStore
+
+
+def store_of(request: Request) -> ModelStore:
+    return request.app.state.store
+
+
+def batcher_of(request: Request) -> MicroBatcher:
+    return request.app.state.batcher
+
+
+def metrics_of(request: Request) -> ServiceMetrics:
+    return request.app.state.metrics
+
+
+def served_model(request: Request) -> ExportedModel:
+    """The model requests are scored with; 503 until one is loaded and the batcher runs."""
+    model = request.app.state.store.current
+    if model is None or not request.app.state.batcher.running:
+        raise ServiceError(503, "the model is not loaded yet", {"Retry-After": "1"})
+    return model
+
+
+@dataclass
+class Scorer:
+    """Encoded or raw rows -> click probabilities through the micro-batcher (merged with concurrent requests)."""
+
+    model: ExportedModel
+    batcher: MicroBatcher
+    metrics: ServiceMetrics
+
+    async def raw_rows(self, dense, sparse) -> np.ndarray:
+        try:
+            encoded = self.model.encoder.encode(dense, sparse)
+        except ValueError as exc:  # the schema checks the same; this names the field if it ever differs
+            raise ServiceError(422, str(exc)) from exc
+        return await self.encoded(*encoded)
+
+    async def encoded(self, dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
+        try:
+            return await self.batcher.score(self.model, dense, ids)
+        except QueueFullError as exc:
+            self.metrics.rejected.labels(reason="queue_full").inc()
+            raise ServiceError(503, f"overloaded: {exc}; retry shortly", {"Retry-After": "1"}) from exc
+
+
+def scorer(request: Request) -> Scorer:
+    return Scorer(served_model(request), request.app.state.batcher, request.app.state.metrics)
+
+
+ServedModel = Annotated[ExportedModel, Depends(served_model)]
+ScorerDep = Annotated[Scorer, Depends(scorer)]
+Store = Annotated[ModelStore, Depends(store_of)]
+Batcher = Annotated[MicroBatcher, Depends(batcher_of)]
+Metrics = Annotated[ServiceMetrics, Depends(metrics_of)]
+
+
+def json_response(body: BaseModel) -> Response:
+    """``body`` serialised by pydantic-core in one call: FastAPI would validate it again and walk it in Python.
+
+    The route's ``response_model`` still documents it in the OpenAPI schema.
+    """
+    return Response(body.model_dump_json(), media_type="application/json")

@@ -1,0 +1,39 @@
+"""``POST /v1/score`` and ``POST /v1/rank``: click probabilities of raw Criteo rows."""
+
+from __future__ import annotations
+
+import numpy as np
+from fastapi import APIRouter
+from fastapi.responses import Response
+
+from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
+from service.deps import ScorerDep, json_response
+from service.errors import ServiceError
+from service.schemas import RankedItem, RankRequest, RankResponse, ScoreRequest, ScoreResponse
+
+router = APIRouter(tags=["model"])
+
+_DENSE_INDEX = {name: i for i, name in enumerate(DENSE_COLUMNS)}
+_SPARSE_INDEX = {name: i for i, name in enumerate(SPARSE_COLUMNS)}
+
+
+@router.post("/v1/score", response_model=ScoreResponse)
+async def score(body: ScoreRequest, scorer: ScorerDep) -> Response:
+    """Click probability of each raw Criteo row, preprocessed exactly as in training."""
+    scores = await scorer.raw_rows([r.dense for r in body.rows], [r.sparse for r in body.rows])
+    return json_response(ScoreResponse.model_construct(scores=scores.tolist(), model=scorer.model.version))
+
+
+@router.post("/v1/rank", response_model=RankResponse)
+async def rank(body: RankRequest, scorer: ScorerDep) -> Response:
+    """Candidates sorted by click probability: each candidate is the context row with its own columns."""
+    dense = [{_DENSE_INDEX[k]: v for k, v in c.dense.items()} for c in body.candidates]
+    sparse = [{_SPARSE_INDEX[k]: v for k, v in c.sparse.items()} for c in body.candidates]
+    try:
+        encoded = scorer.model.encoder.encode_variants(body.context.dense, body.context.sparse, dense, sparse)
+    except ValueError as exc:
+        raise ServiceError(422, str(exc)) from exc
+    scores = await scorer.encoded(*encoded)
+    order = np.argsort(-scores, kind="stable")[: body.top_k or len(scores)]
+    items = [RankedItem.model_construct(id=body.candidates[i].id, score=float(scores[i]), index=int(i)) for i in order]
+    return json_response(RankResponse.model_construct(items=items, model=scorer.model.version))
