@@ -1,10 +1,11 @@
-"""What ``train_xmc`` and ``train_next_item`` share: the output-layer config, optimizers, loop and report.
+"""What ``train_xmc`` and ``train_next_item`` share: the output-layer config, optimizers, task and report.
 
 Why one place: the two commands differ only in their data and encoder; the comparison they
 exist for (LSH output layer against the full softmax, same encoder, same epochs) must use the
-same loop, optimizers, timing and outputs. The encoder trains with Adam; the output weight with
-Adagrad in both cases (sparse rows for LSH, dense for the full softmax: Adagrad leaves a row
-with zero gradient unchanged, so the two are the same update rule).
+same optimizers, timing and outputs (the loop itself is ``pipelines.engine``'s, as every
+command's). The encoder trains with Adam; the output weight with Adagrad in both cases (sparse
+rows for LSH, dense for the full softmax: Adagrad leaves a row with zero gradient unchanged, so
+the two are the same update rule).
 
 Outputs in ``--out``: ``metrics.json`` (written atomically), ``curves.png``, ``train.log`` and a
 DCP checkpoint of the model (encoder + output layer, with the LSH tables, projection and
@@ -13,29 +14,21 @@ scheduler counters) in ``checkpoints/``.
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
-import math
-import statistics
-import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
-from tqdm import tqdm
 
-from pipelines.checkpoint import save_checkpoint
 from pipelines.cli_config import config_to_dict
-from pipelines.report import format_table
+from pipelines.engine import Engine, LoopConfig, write_report
 from recsys.lsh_output import FullSoftmaxOutput, LSHConfig, LSHOutputLayer
 from recsys.sequence_encoders import EncoderWithOutput
 
 log = logging.getLogger(__name__)
-
-METRICS_FILE = "metrics.json"
-CURVES_FILE = "curves.png"
 
 
 def _help(text: str) -> dict:
@@ -75,6 +68,7 @@ class OutputLayerConfig:
     rebuild_period: int = field(default=50, metadata=_help("fixed schedule: steps between rebuilds"))
     rebuild_mode: Literal["changed", "full"] = field(default="changed", metadata=_help("rehash trained rows or all"))
     hash_every: int = field(default=200, metadata=_help("train the learned projection at most every N steps"))
+    max_steps: int = field(default=0, metadata=_help("stop after this many steps (0 = all epochs)"))
     eval_batch_size: int = field(default=1024, metadata=_help("batch size of evaluation"))
     log_every: int = field(default=20, metadata=_help("record the training loss every N steps"))
     seed: int = field(default=0, metadata=_help("seed of initialisation, sampling and data order"))
@@ -84,6 +78,8 @@ class OutputLayerConfig:
         for name in ("epochs", "batch_size", "hidden", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps < 0:
+            raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
         if self.lr <= 0 or self.output_lr <= 0:
             raise ValueError(f"lr and output_lr must be positive, got {self.lr}, {self.output_lr}")
         self.lsh_config()  # validates the LSH fields
@@ -126,143 +122,105 @@ def build_optimizers(model: EncoderWithOutput, config: OutputLayerConfig) -> lis
     ]
 
 
-@dataclass
-class TrainResult:
-    history: dict
-    step_seconds: list[float]
-    steps: int
-    train_seconds: float
+class OutputLayerTask:
+    """An encoder and its output layer as a :class:`pipelines.engine.TrainingTask`.
 
-
-def train_loop(
-    model: EncoderWithOutput,
-    config: OutputLayerConfig,
-    batches: Callable[[int], Iterable[tuple]],
-    steps_per_epoch: int,
-    validate: Callable[[], dict],
-    progress: bool = True,
-) -> TrainResult:
-    """Train for ``config.epochs``; ``batches(epoch)`` yields ``(encoder inputs, labels)``.
-
-    Step times are wall clock of forward + backward + update (+ any rebuild), synchronised on CUDA.
-    ``validate()`` runs after every epoch; its dict goes into ``history["validation"]``.
+    ``batches(epoch)`` yields ``(encoder inputs, labels)``; ``validate()`` returns the validation
+    metrics (recorded with the epoch). Adam trains the encoder, Adagrad the output weight.
     """
-    optimizers = build_optimizers(model, config)
-    device = config.torch_device()
-    history: dict = {"train": [], "validation": []}
-    step_seconds: list[float] = []
-    step, running, running_n = 0, 0.0, 0
-    bar = tqdm(
-        total=steps_per_epoch * config.epochs, desc="train", unit="step", disable=not progress, dynamic_ncols=True
-    )
-    for epoch in range(config.epochs):
-        model.train()
-        for inputs, labels in batches(epoch):
-            tick = time.perf_counter()
-            loss = model.output(model.encoder(*inputs), labels)
-            for opt in optimizers:
-                opt.zero_grad()
-            loss.backward()
-            for opt in optimizers:
-                opt.step()
-            loss_value = loss.item()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            step_seconds.append(time.perf_counter() - tick)
-            if not math.isfinite(loss_value):
-                raise FloatingPointError(f"training loss is {loss_value} at step {step}")
-            step += 1
-            running, running_n = running + loss_value, running_n + 1
-            bar.update(1)
-            if step % config.log_every == 0:
-                history["train"].append({"step": step, "loss": running / running_n})
-                bar.set_postfix(loss=f"{running / running_n:.4f}")
-                running, running_n = 0.0, 0
-        model.eval()
-        point = {"step": step, "epoch": epoch + 1, **validate()}
-        history["validation"].append(point)
-        log.info("epoch %d: %s", epoch + 1, ", ".join(f"{k} {v:.4f}" for k, v in point.items() if isinstance(v, float)))
-    bar.close()
-    return TrainResult(history, step_seconds, step, sum(step_seconds))
+
+    def __init__(
+        self,
+        model: EncoderWithOutput,
+        config: OutputLayerConfig,
+        batches: Callable[[int], Iterable[tuple]],
+        steps_per_epoch: int,
+        validate: Callable[[], dict],
+    ) -> None:
+        self.model, self.config = model, config
+        self._batches, self._steps, self._validate = batches, steps_per_epoch, validate
+        self.optimizers = build_optimizers(model, config)
+        self.cuda = config.torch_device().type == "cuda"
+
+    def steps_per_epoch(self) -> int:
+        return self._steps
+
+    def batches(self, epoch: int, skip: int) -> Iterable[tuple]:
+        return itertools.islice(self._batches(epoch), skip, None)
+
+    def train_step(self, batch: tuple) -> tuple[float, int]:
+        inputs, labels = batch
+        loss = self.model.output(self.model.encoder(*inputs), labels)
+        for opt in self.optimizers:
+            opt.zero_grad()
+        loss.backward()
+        for opt in self.optimizers:
+            opt.step()
+        value = loss.item()
+        if self.cuda:  # the step time is the work's, not the launch's
+            torch.cuda.synchronize()
+        rows = labels.numel() if isinstance(labels, torch.Tensor) else labels[1].numel() - 1  # ids, or CSR labels
+        return value, rows
+
+    def validate(self, epochs_done: int) -> dict:
+        self.model.eval()
+        return {"epoch": epochs_done, **self._validate()}
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def checkpoint_state(self) -> dict:
+        return {"model": self.model.state_dict()}
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+
+    def after_step(self, step: int) -> None:
+        pass
 
 
-def step_time_summary(step_seconds: list[float]) -> dict:
-    """Median and mean step time; the first steps (allocations, first rebuild) are left out of the median."""
-    warm = step_seconds[10:] or step_seconds
-    return {
-        "step_time_median": statistics.median(warm) if warm else None,
-        "step_time_mean": sum(step_seconds) / len(step_seconds) if step_seconds else None,
-    }
-
-
-def write_json_atomic(path: Path, payload: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
-
-
-def plot_history(history: dict, metric_keys: list[str], path: Path, title: str) -> None:
-    """Training loss and the validation metrics against steps, saved as a PNG (written atomically)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_metric) = plt.subplots(1, 2, figsize=(11, 4))
-    train = history.get("train", [])
-    if train:
-        ax_loss.plot([p["step"] for p in train], [p["loss"] for p in train], lw=1, label="train loss")
-    evals = history.get("validation", [])
-    for key in metric_keys:
-        if evals and key in evals[0]:
-            ax_metric.plot([p["step"] for p in evals], [p[key] for p in evals], "o-", label=f"validation {key}")
-    for ax, ylabel in ((ax_loss, "loss"), (ax_metric, "metric")):
-        ax.set_xlabel("step")
-        ax.set_ylabel(ylabel)
-        ax.grid(alpha=0.3)
-        ax.legend()
-    fig.suptitle(title)
-    fig.tight_layout()
-    tmp = path.with_name(f".{path.stem}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
+def train_output_layer(
+    task: OutputLayerTask, config: OutputLayerConfig, out_dir: Path, progress: bool = True
+) -> Engine:
+    """Train ``config.epochs`` (or ``config.max_steps``), validating after every epoch; the final checkpoint kept."""
+    loop = LoopConfig(epochs=config.epochs, max_steps=config.max_steps, log_every=config.log_every)
+    engine = Engine(task, loop, out_dir, config_to_dict(config), progress=progress)
+    engine.train()
+    task.model.eval()
+    return engine
 
 
 def finish_run(
-    model: EncoderWithOutput,
+    engine: Engine,
     config: OutputLayerConfig,
-    result: TrainResult,
     test_metrics: dict,
     out_dir: Path,
     extra: dict,
     metric_keys: list[str],
     title: str,
 ) -> dict:
-    """Checkpoint, ``metrics.json``, ``curves.png`` and the summary table printed at the end."""
-    save_checkpoint(out_dir / "checkpoints", result.steps, {"model": model.state_dict()}, {"step": result.steps})
+    """``metrics.json``, ``curves.png`` and the summary table printed at the end."""
+    model = engine.task.model
     lsh_stats = model.output.stats()
     lsh_stats.pop("config", None)
+    train_seconds = sum(engine.step_seconds)
     metrics = {
         **test_metrics,
-        **step_time_summary(result.step_seconds),
-        "steps": result.steps,
-        "train_seconds": result.train_seconds,
+        **engine.step_time_summary(),
+        "steps": engine.state["step"],
+        "train_seconds": train_seconds,
         "output_layer": config.output_layer,
         "lsh": lsh_stats,
         **extra,
         "config": config_to_dict(config),
-        "history": result.history,
+        "history": engine.state["history"],
     }
-    write_json_atomic(out_dir / METRICS_FILE, metrics)
-    plot_history(result.history, metric_keys, out_dir / CURVES_FILE, title)
     rows: list[list[object]] = [[k, v] for k, v in test_metrics.items() if isinstance(v, float)]
     rows += [
         ["output layer", config.output_layer],
         ["step time (median, s)", f"{metrics['step_time_median']:.5f}"],
-        ["steps", result.steps],
-        ["train seconds", f"{result.train_seconds:.1f}"],
+        ["steps", metrics["steps"]],
+        ["train seconds", f"{train_seconds:.1f}"],
     ]
     if lsh_stats:
         rows += [
@@ -273,8 +231,7 @@ def finish_run(
             ["mean drift at check", lsh_stats["mean_drift"]],
             ["bucket size mean / max", f"{lsh_stats['bucket_size_mean']:.1f} / {lsh_stats['bucket_size_max']}"],
         ]
-    print("\n" + format_table(["metric", "value"], rows))
-    print(f"\nmetrics: {out_dir / METRICS_FILE}\ncurves:  {out_dir / CURVES_FILE}")
+    write_report(out_dir, metrics, rows, title, metric_keys)
     return metrics
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,9 +22,7 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 from torchrec.models.dlrm import DLRMTrain
-from tqdm import tqdm
 
-from pipelines.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipelines.cli_config import add_dataclass_arguments, build_config, config_to_dict
 from pipelines.distributed import (
     DENSE_OPTIMIZERS,
@@ -34,18 +31,16 @@ from pipelines.distributed import (
     init_process_group,
     shard_with_fused_optimizer,
 )
+from pipelines.engine import Engine, LoopConfig, write_report
 from pipelines.evaluate import evaluate
 from pipelines.loader import ParquetBatchLoader, placeholder_batch
 from pipelines.preprocess import load_metadata
-from pipelines.report import format_table, human_bytes, plot_curves
+from pipelines.report import human_bytes
 from recsys.dlrm import DLRMConfig, build_dense_collection, build_dlrm, table_bytes, table_configs
 from recsys.logs import setup_logging as configure_logging
 from recsys.tt_collection import TTConfig, TTEmbeddingBagCollection, tt_parameter_names
 
 log = logging.getLogger("pipelines.train")
-
-METRICS_FILE = "metrics.json"
-CURVES_FILE = "curves.png"
 
 
 def _help(text: str) -> dict:
@@ -121,6 +116,18 @@ class TrainConfig:
             raise ValueError(f"tt_cache_refresh must be >= 1, got {self.tt_cache_refresh}")
         self.tt_config()  # validates the TT settings
         self.model_config()  # validates the architecture
+
+    def loop_config(self) -> LoopConfig:
+        return LoopConfig(
+            epochs=self.epochs,
+            max_steps=self.max_steps,
+            eval_every=self.eval_every,
+            log_every=self.log_every,
+            checkpoint_every=self.checkpoint_every,
+            keep_checkpoints=self.keep_checkpoints,
+            select_best=self.select_best,
+            best_metric="auc",
+        )
 
     def tt_config(self) -> TTConfig:
         ranks = self.tt_ranks[0] if len(self.tt_ranks) == 1 else self.tt_ranks
@@ -240,15 +247,12 @@ class Trainer:
             )
             for split in ("validation", "test")
         }
-        self.state = {
-            "step": 0,
-            "epoch": 0,
-            "batch_in_epoch": 0,
-            "samples": 0,
-            "train_seconds": 0.0,
-            "history": {"train": [], "validation": []},
-            "best": None,
-        }
+        self.engine = Engine(self, config.loop_config(), self.out_dir, config_to_dict(config), self.progress)
+
+    @property
+    def state(self) -> dict:
+        """The loop's position and record (``pipelines.engine``): step, epoch, samples, history, best."""
+        return self.engine.state
 
     def _global_mean(self, loss: torch.Tensor) -> float:
         """The loss of the whole global batch (each rank holds the mean over its own slice)."""
@@ -262,126 +266,53 @@ class Trainer:
         stored = sum(r["bytes"] for r in self.table_report.values())
         return sum(r["dense_bytes"] for r in self.table_report.values()) / stored
 
-    # -- state ----------------------------------------------------------------------
-    def _checkpoint_state(self) -> dict:
+    # -- the engine's task ------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    def batches(self, epoch: int, skip: int):
+        return self.train_loader.batches(epoch, skip)
+
+    def train_step(self, batch) -> tuple[float, int]:
+        loss, _ = self.model(batch.to(self.info.device))
+        self.optimizer.zero_grad()
+        loss.backward()  # the tables are updated here (fused optimizer)
+        self.optimizer.step()
+        return self._global_mean(loss), batch.labels.numel() * self.info.world_size
+
+    def validate(self, epochs_done: int) -> dict:
+        metrics = evaluate(self.model, self.eval_loaders["validation"].batches(), self.info.device, self.placeholder)
+        return {"auc": metrics["auc"], "logloss": metrics["logloss"]}
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def checkpoint_state(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
 
-    def _restore(self, path: Path) -> dict:
-        state = self._checkpoint_state()
-        trainer_state = load_checkpoint(path, state)
+    def restore(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        return trainer_state
 
-    def _save(self, root: Path, keep: int) -> None:
-        save_checkpoint(
-            root,
-            self.state["step"],
-            self._checkpoint_state(),
-            {**self.state, "config": config_to_dict(self.config)},
-            keep=keep,
-        )
-
-    # -- loop -----------------------------------------------------------------------
-    def _validate(self) -> dict:
-        metrics = evaluate(self.model, self.eval_loaders["validation"].batches(), self.info.device, self.placeholder)
-        point = {"step": self.state["step"], "auc": metrics["auc"], "logloss": metrics["logloss"]}
-        self.state["history"]["validation"].append(point)
-        log.info("step %d: validation AUC %.4f, log loss %.4f", point["step"], point["auc"], point["logloss"])
-        best = self.state["best"]
-        if self.config.select_best and (best is None or metrics["auc"] > best["auc"]):
-            self.state["best"] = point
-            self._save(self.out_dir / "best", keep=1)
-        return metrics
-
-    def _total_steps(self) -> int:
-        total = len(self.train_loader) * self.config.epochs
-        return min(total, self.config.max_steps) if self.config.max_steps else total
-
-    def train(self) -> None:
+    def after_step(self, step: int) -> None:
         cfg = self.config
-        ckpt_root = self.out_dir / "checkpoints"
+        if self.tt_collection is not None and cfg.tt_cache_size and step % cfg.tt_cache_refresh == 0:
+            self.tt_collection.cache_populate()
+
+    def _restore(self, path: Path) -> dict:
+        """Load the checkpoint at ``path`` (model, optimizer); its trainer state is returned."""
+        return self.engine.restore(path)
+
+    # -- the run -----------------------------------------------------------------------
+    def train(self) -> None:
         if self.resume:
-            latest = latest_checkpoint(ckpt_root)
-            if latest is None:
-                log.info("--resume: no checkpoint in %s, starting from scratch", ckpt_root)
-            else:
-                self.state = self._restore(latest)
-                self.state.pop("config", None)
-                log.info(
-                    "resumed from %s (step %d, epoch %d, batch %d)",
-                    latest,
-                    self.state["step"],
-                    self.state["epoch"],
-                    self.state["batch_in_epoch"],
-                )
-        total = self._total_steps()
-        bar = tqdm(
-            total=total,
-            initial=min(self.state["step"], total),
-            desc="train",
-            unit="step",
-            disable=not self.progress,
-            dynamic_ncols=True,
-        )
-        running, running_n = 0.0, 0
-        self.model.train()
-        done = self.state["step"] >= total
-        while not done and self.state["epoch"] < cfg.epochs:
-            epoch = self.state["epoch"]
-            tick = time.perf_counter()
-            for batch in self.train_loader.batches(epoch, self.state["batch_in_epoch"]):
-                loss, _ = self.model(batch.to(self.info.device))
-                self.optimizer.zero_grad()
-                loss.backward()  # the tables are updated here (fused optimizer)
-                self.optimizer.step()
-                loss_value = self._global_mean(loss)
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"training loss is {loss_value} at step {self.state['step']}")
-                self.state["step"] += 1
-                self.state["batch_in_epoch"] += 1
-                self.state["samples"] += batch.labels.numel() * self.info.world_size
-                running += loss_value
-                running_n += 1
-                bar.update(1)
-                now = time.perf_counter()
-                self.state["train_seconds"] += now - tick
-                step = self.state["step"]
-                if step % cfg.log_every == 0:
-                    self.state["history"]["train"].append({"step": step, "loss": running / running_n})
-                    bar.set_postfix(loss=f"{running / running_n:.4f}")
-                    running, running_n = 0.0, 0
-                if self.tt_collection is not None and cfg.tt_cache_size and step % cfg.tt_cache_refresh == 0:
-                    self.tt_collection.cache_populate()
-                if cfg.eval_every and step % cfg.eval_every == 0:
-                    self._validate()
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-                    self._save(ckpt_root, cfg.keep_checkpoints)
-                if step >= total:
-                    done = True
-                    break
-                tick = time.perf_counter()
-            else:
-                self.state["epoch"] += 1
-                self.state["batch_in_epoch"] = 0
-                if not cfg.eval_every:
-                    self._validate()
-        bar.close()
-        history = self.state["history"]["validation"]
-        if not history or history[-1]["step"] != self.state["step"]:
-            self._validate()
-        self._save(ckpt_root, cfg.keep_checkpoints)
+            self.engine.resume()
+        self.engine.train()
 
     def run(self) -> dict:
         start = time.perf_counter()
         self.train()
-        if self.config.select_best and self.state["best"] is not None:
-            best_dir = latest_checkpoint(self.out_dir / "best")
-            if best_dir is not None:
-                history, samples, seconds = (self.state["history"], self.state["samples"], self.state["train_seconds"])
-                best = self._restore(best_dir)
-                log.info("selected the checkpoint of step %d (best validation AUC)", best["step"])
-                self.state.update(history=history, samples=samples, train_seconds=seconds, best=best["best"])
+        self.engine.end_on_best()
         validation = evaluate(self.model, self.eval_loaders["validation"].batches(), self.info.device, self.placeholder)
         test = (
             evaluate(self.model, self.eval_loaders["test"].batches(), self.info.device, self.placeholder)
@@ -422,16 +353,6 @@ class Trainer:
         }
 
     def _report(self, metrics: dict) -> None:
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.out_dir / f".{METRICS_FILE}.tmp"
-        tmp.write_text(json.dumps(metrics, indent=2))
-        tmp.replace(self.out_dir / METRICS_FILE)
-        plot_curves(
-            metrics["history"],
-            self.out_dir / CURVES_FILE,
-            title=f"DLRM ({self.config.interaction} interaction) on {self.data_dir}",
-        )
-
         def fmt(v: float | None) -> object:
             return "-" if v is None else v
 
@@ -452,7 +373,6 @@ class Trainer:
             cache_bytes = sum(r["cache_bytes"] for r in metrics["tables"].values())
             rows.append(["TT cache hit rate", f"{hits / lookups:.3f}" if lookups else "-"])
             rows.append(["TT caches (training only)", human_bytes(cache_bytes)])
-        print("\n" + format_table(["metric", "value"], rows))
         table_rows = [
             [
                 name,
@@ -463,8 +383,13 @@ class Trainer:
             ]
             for name, r in metrics["tables"].items()
         ]
-        print("\n" + format_table(["table", "rows", "kind", "bytes", "compression"], table_rows))
-        print(f"\nmetrics: {self.out_dir / METRICS_FILE}\ncurves:  {self.out_dir / CURVES_FILE}")
+        write_report(
+            self.out_dir,
+            metrics,
+            rows,
+            f"DLRM ({self.config.interaction} interaction) on {self.data_dir}",
+            tables=[(["table", "rows", "kind", "bytes", "compression"], table_rows)],
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:

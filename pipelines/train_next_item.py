@@ -24,10 +24,11 @@ import torch
 from pipelines.cli_config import add_dataclass_arguments, build_config, config_to_dict
 from pipelines.output_layer_training import (
     OutputLayerConfig,
+    OutputLayerTask,
     build_output_layer,
     finish_run,
     ranking_metrics,
-    train_loop,
+    train_output_layer,
 )
 from pipelines.sequences import next_item_splits, read_sequences
 from pipelines.train import setup_logging
@@ -88,12 +89,12 @@ def run(config: NextItemConfig, data_path: Path, out_dir: Path, progress: bool =
         return evaluate_next_item(model, *splits["validation"], config.eval_batch_size, retrieval=False)
 
     steps_per_epoch = -(-train_tgt.numel() // config.batch_size)
-    result = train_loop(model, config, batches, steps_per_epoch, validate, progress)
-    model.eval()
+    task = OutputLayerTask(model, config, batches, steps_per_epoch, validate)
+    engine = train_output_layer(task, config, out_dir, progress)
     test_metrics = evaluate_next_item(model, *splits["test"], config.eval_batch_size, config.output_layer == "lsh")
     validation = evaluate_next_item(model, *splits["validation"], config.eval_batch_size, retrieval=False)
     extra = {"data": str(data_path), "val_recall@10": validation["recall@10"], "val_ndcg@10": validation["ndcg@10"]}
-    return finish_run(model, config, result, test_metrics, out_dir, extra, ["recall@10", "ndcg@10"],
+    return finish_run(engine, config, test_metrics, out_dir, extra, ["recall@10", "ndcg@10"],
                       f"next item, {config.output_layer} output layer, {data_path.name}")  # fmt: skip
 
 

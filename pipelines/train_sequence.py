@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,11 +27,10 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from pipelines.cli_config import add_dataclass_arguments, build_config, config_to_dict
+from pipelines.engine import Engine, LoopConfig, write_report
 from pipelines.evaluate import binary_metrics
-from pipelines.report import format_table, plot_curves
 from pipelines.sequence_synthetic import SequenceSignalConfig, SequenceSynthetic
 from pipelines.train import setup_logging
 from recsys.attention import build
@@ -38,8 +38,6 @@ from recsys.sequence_dlrm import SequenceDLRM, SequenceDLRMConfig
 
 log = logging.getLogger("pipelines.train_sequence")
 
-METRICS_FILE = "metrics.json"
-CURVES_FILE = "curves.png"
 FEATURES = ("dense", "sparse", "candidate", "candidate_category", "history", "history_category", "history_mask")
 
 
@@ -181,8 +179,58 @@ def evaluate_split(model: SequenceDLRM, data: dict[str, torch.Tensor], batch_siz
     return binary_metrics(logits, data["label"].cpu())
 
 
+class SequenceTask:
+    """The sequence-aware DLRM as a :class:`pipelines.engine.TrainingTask`: Adam, BCE, index batches."""
+
+    def __init__(self, model: SequenceDLRM, config: SequenceTrainConfig, data: dict, device: torch.device) -> None:
+        self.model, self.config, self.data, self.device = model, config, data, device
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+        self.n = config.train_samples
+        self._order: torch.Generator | None = None
+        self._next_epoch = 0
+
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n / self.config.batch_size)
+
+    def batches(self, epoch: int, skip: int) -> Iterable[torch.Tensor]:
+        """Sample indices of ``epoch``: the ``epoch``-th permutation of one seeded generator."""
+        if self._order is None or epoch != self._next_epoch:  # (re)wind the generator to this epoch
+            self._order = torch.Generator().manual_seed(self.config.seed)
+            for _ in range(epoch):
+                torch.randperm(self.n, generator=self._order)
+        order = torch.randperm(self.n, generator=self._order).to(self.device)
+        self._next_epoch = epoch + 1
+        size = self.config.batch_size
+        return (order[i : i + size] for i in range(skip * size, self.n, size))
+
+    def train_step(self, idx: torch.Tensor) -> tuple[float, int]:
+        train = self.data["train"]
+        logits = self.model(*(train[f][idx] for f in FEATURES))
+        loss = F.binary_cross_entropy_with_logits(logits, train["label"][idx])
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item(), idx.numel()
+
+    def validate(self, epochs_done: int) -> dict[str, float]:
+        metrics = evaluate_split(self.model, self.data["validation"], self.config.eval_batch_size)
+        return {"auc": metrics["auc"], "logloss": metrics["logloss"]}
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def checkpoint_state(self) -> dict:
+        return {"model": self.model.state_dict()}
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+
+    def after_step(self, step: int) -> None:
+        pass
+
+
 def train(config: SequenceTrainConfig, out_dir: Path | None = None, progress: bool = True) -> dict:
-    """Generate, train, evaluate; write ``metrics.json`` and ``curves.png`` when ``out_dir`` is given."""
+    """Generate, train, evaluate; write ``metrics.json``, ``curves.png`` and the model when ``out_dir`` is given."""
     start = time.perf_counter()
     if config.threads:
         torch.set_num_threads(config.threads)
@@ -202,7 +250,7 @@ def train(config: SequenceTrainConfig, out_dir: Path | None = None, progress: bo
     data = {split: _to_tensors(s, device) for split, s in splits.items()}
     torch.manual_seed(config.seed)
     model = build_model(config, generator).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    task = SequenceTask(model, config, data, device)
     log.info(
         "attention %s%s, %d parameters, %d train samples",
         config.attention,
@@ -210,78 +258,29 @@ def train(config: SequenceTrainConfig, out_dir: Path | None = None, progress: bo
         sum(p.numel() for p in model.parameters()),
         config.train_samples,
     )
-
-    train_data = data["train"]
-    n = config.train_samples
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    total = min(total, config.max_steps) if config.max_steps else total
-    history: dict[str, list] = {"train": [], "validation": []}
-    order_gen = torch.Generator().manual_seed(config.seed)
-    step, samples, train_seconds = 0, 0, 0.0
-    running, running_n = 0.0, 0
-    bar = tqdm(total=total, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-
-    last_validation: dict[str, float] = {}
-
-    def validate() -> None:
-        """Validation metrics at this step, once: recorded in the curves and kept for the final report."""
-        if history["validation"] and history["validation"][-1]["step"] == step:
-            return
-        last_validation.update(evaluate_split(model, data["validation"], config.eval_batch_size))
-        auc, logloss = last_validation["auc"], last_validation["logloss"]
-        history["validation"].append({"step": step, "auc": auc, "logloss": logloss})
-        log.info("step %d: validation AUC %.4f, log loss %.4f", step, auc, logloss)
-
-    model.train()
-    for _epoch in range(config.epochs):
-        if step >= total:
-            break
-        order = torch.randperm(n, generator=order_gen).to(device)
-        for i in range(0, n, config.batch_size):
-            if step >= total:
-                break
-            tick = time.perf_counter()
-            idx = order[i : i + config.batch_size]
-            logits = model(*(train_data[f][idx] for f in FEATURES))
-            loss = F.binary_cross_entropy_with_logits(logits, train_data["label"][idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            value = loss.item()
-            if not math.isfinite(value):
-                raise FloatingPointError(f"training loss is {value} at step {step}")
-            train_seconds += time.perf_counter() - tick
-            step += 1
-            samples += idx.numel()
-            running, running_n = running + value, running_n + 1
-            bar.update(1)
-            if step % config.log_every == 0:
-                history["train"].append({"step": step, "loss": running / running_n})
-                bar.set_postfix(loss=f"{running / running_n:.4f}")
-                running, running_n = 0.0, 0
-            if config.eval_every and step % config.eval_every == 0:
-                validate()
-        if not config.eval_every:
-            validate()
-    bar.close()
-    validate()  # the final model's (a no-op when the last step was just validated)
+    loop = LoopConfig(
+        epochs=config.epochs, max_steps=config.max_steps, eval_every=config.eval_every, log_every=config.log_every
+    )
+    engine = Engine(task, loop, out_dir, config_to_dict(config), progress=progress)
+    engine.train()
+    validation = engine.last_validation
     test = evaluate_split(model, data["test"], config.eval_batch_size)
+    samples, train_seconds = engine.state["samples"], engine.state["train_seconds"]
     metrics = {
-        "val_auc": last_validation["auc"],
-        "val_logloss": last_validation["logloss"],
+        "val_auc": validation["auc"],
+        "val_logloss": validation["logloss"],
         "test_auc": test["auc"],
         "test_logloss": test["logloss"],
         "oracle_val_auc": oracle["validation"],
         "oracle_test_auc": oracle["test"],
         "samples_per_second": samples / train_seconds if train_seconds > 0 else None,
-        "steps": step,
+        "steps": engine.state["step"],
         "samples": samples,
         "train_seconds": train_seconds,
         "wall_seconds": time.perf_counter() - start,
         "parameters": sum(p.numel() for p in model.parameters()),
         "config": config_to_dict(config),
-        "history": history,
+        "history": engine.state["history"],
     }
     attention = getattr(getattr(model, "history_block", None), "attention", None)
     if attention is not None and hasattr(attention, "scheduler"):
@@ -294,12 +293,7 @@ def train(config: SequenceTrainConfig, out_dir: Path | None = None, progress: bo
 
 
 def report(metrics: dict, out_dir: Path, config: SequenceTrainConfig) -> None:
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / f".{METRICS_FILE}.tmp"
-    tmp.write_text(json.dumps(metrics, indent=2))
-    tmp.replace(out_dir / METRICS_FILE)
     name = config.attention + (" + target attention" if config.target_attention else "")
-    plot_curves(metrics["history"], out_dir / CURVES_FILE, title=f"sequence DLRM, {name} attention")
     rows = [
         ["attention", name],
         ["item embeddings", config.embeddings],
@@ -314,8 +308,7 @@ def report(metrics: dict, out_dir: Path, config: SequenceTrainConfig) -> None:
     if "hash_rebuilds" in metrics:
         rows.append(["learned hash rebuilds", metrics["hash_rebuilds"]])
         rows.append(["best-pair miss rate (last step)", metrics["hash_miss_rate"]])
-    print("\n" + format_table(["metric", "value"], rows))
-    print(f"\nmetrics: {out_dir / METRICS_FILE}\ncurves:  {out_dir / CURVES_FILE}")
+    write_report(out_dir, metrics, rows, f"sequence DLRM, {name} attention", metric_keys=("auc",))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,10 +25,11 @@ import torch
 from pipelines.cli_config import add_dataclass_arguments, build_config, config_to_dict
 from pipelines.output_layer_training import (
     OutputLayerConfig,
+    OutputLayerTask,
     build_output_layer,
     finish_run,
     ranking_metrics,
-    train_loop,
+    train_output_layer,
 )
 from pipelines.train import setup_logging
 from pipelines.xmc_data import XMCData, read_xmc
@@ -106,11 +107,11 @@ def run(config: XMCConfig, data_path: Path, test_path: Path | None, train_rows: 
         return evaluate_xmc(model, val, config.eval_batch_size, retrieval=False) if val.num_points else {}
 
     steps_per_epoch = -(-train.num_points // config.batch_size)
-    result = train_loop(model, config, batches, steps_per_epoch, validate, progress)
-    model.eval()
+    task = OutputLayerTask(model, config, batches, steps_per_epoch, validate)
+    engine = train_output_layer(task, config, out_dir, progress)
     test_metrics = evaluate_xmc(model, test, config.eval_batch_size, retrieval=is_lsh)
     extra = {"data": str(data_path), "test": str(test_path) if test_path else f"rows after {train_rows}"}
-    return finish_run(model, config, result, test_metrics, out_dir, extra, ["p@1", "p@5"],
+    return finish_run(engine, config, test_metrics, out_dir, extra, ["p@1", "p@5"],
                       f"XMC, {config.output_layer} output layer, {data_path.name}")  # fmt: skip
 
 
