@@ -1,0 +1,5 @@
+"""The jobs: data (generate, preprocess, load), training (one engine, four commands) and export.
+
+Every command users run is a thin module at its name here (``python -m pipelines.train`` ...); the
+code lives in the subpackages :mod:`pipelines.data`, :mod:`pipelines.training` and :mod:`pipelines.export`.
+"""

@@ -13,7 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pipelines import generate, preprocess, train
+from pipelines.data import generate, preprocess
+from pipelines.training import dlrm as train
 
 log = logging.getLogger("pipelines.main")
 

@@ -17,34 +17,18 @@ import uvicorn
 from recsys.logs import setup_logging
 from recsys.serving import ExportFormatError, read_manifest
 from service.app import create_app
-from service.settings import ENV_PREFIX, add_arguments, settings_from, to_environment
+from service.settings import PROG, settings_from_command_line, to_environment
 
 log = logging.getLogger("service")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m service",
-        description="Serve an export written by pipelines.export over HTTP (FastAPI + uvicorn): POST /v1/score, "
-        "/v1/rank, /v1/recommend; GET /v1/model, /healthz, /readyz, /metrics; POST /v1/admin/reload. Every flag "
-        f"can also be given as an environment variable {ENV_PREFIX}<FLAG NAME> (flags win). OpenAPI schema at "
-        "/openapi.json, interactive docs at /docs.",
-    )
-    add_arguments(p)
-    return p
-
-
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    try:
-        settings = settings_from(args)
-    except ValueError as exc:
-        build_parser().error(str(exc))
+    settings = settings_from_command_line(argv)  # exits with the usage line on a bad flag or variable
     setup_logging(settings.log_level)
     try:
         read_manifest(settings.model)  # a clear one-line error instead of a failed startup's traceback
     except (ExportFormatError, OSError) as exc:
-        build_parser().error(f"--model {settings.model}: {exc}")
+        argparse.ArgumentParser(prog=PROG).error(f"--model {settings.model}: {exc}")
     if settings.workers > 1:  # uvicorn starts the processes; each builds its app from the environment
         os.environ.update(to_environment(settings))
         app: object = "service.app:app_from_environment"

@@ -23,7 +23,7 @@ from service.middleware import LimitsAndMetricsMiddleware
 from service.model_store import ModelStore
 from service.routes import operations, recommend, scoring
 from service.schemas import ErrorResponse
-from service.settings import Settings, settings_from
+from service.settings import Settings, settings_from_environment
 
 __all__ = ["LimitsAndMetricsMiddleware", "ServiceError", "app_from_environment", "create_app"]
 
@@ -81,6 +81,6 @@ def create_app(settings: Settings) -> FastAPI:
 
 def app_from_environment() -> FastAPI:
     """The app of ``RECSYS_*`` environment settings: what each of ``--workers N`` processes runs."""
-    settings = settings_from(None)
+    settings = settings_from_environment()
     setup_logging(settings.log_level)
     return create_app(settings)

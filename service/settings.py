@@ -1,112 +1,104 @@
-"""Service settings, from flags or ``RECSYS_*`` environment variables, in one place.
+"""Service settings, from flags or ``RECSYS_*`` environment variables, in one place (pydantic-settings).
 
-Precedence: defaults < environment (``RECSYS_MODEL``, ``RECSYS_PORT``, ...: ``RECSYS_`` + the
-field name in capitals) < command-line flags. ``python -m service --help`` lists them all.
+Precedence: defaults < environment (``RECSYS_MODEL``, ``RECSYS_PORT``, ...: ``RECSYS_`` + the field
+name in capitals) < command-line flags (``--max-batch-rows``: the field name in kebab case).
+``python -m service --help`` lists them all with their variables and defaults.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
-import typing
-from dataclasses import dataclass, field
+import inspect
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 ENV_PREFIX = "RECSYS_"
+PROG = "python -m service"
 
 
-def _help(text: str) -> dict:
-    return {"help": text}
+class Settings(BaseSettings):
+    """Serve an export written by pipelines.export over HTTP (FastAPI + uvicorn): POST /v1/score, /v1/rank,
+    /v1/recommend; GET /v1/model, /healthz, /readyz, /metrics; POST /v1/admin/reload. Every flag can also be
+    given as an environment variable RECSYS_<FIELD> (flags win). OpenAPI schema at /openapi.json, docs at /docs.
+    """
 
-
-@dataclass(frozen=True)
-class Settings:
-    """Everything the service depends on."""
-
-    model: Path = field(default=Path("exports/model"), metadata=_help("export directory written by pipelines.export"))
-    host: str = field(default="127.0.0.1", metadata=_help("interface to listen on (0.0.0.0: all)"))
-    port: int = field(default=8000, metadata=_help("TCP port"))
-    max_batch_rows: int = field(
-        default=2048, metadata=_help("most rows scored in one forward pass (concurrent requests are merged)")
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        frozen=True,
+        cli_prog_name=PROG,
+        cli_kebab_case=True,
+        cli_implicit_flags=True,
+        cli_show_env_vars=True,
+        cli_exit_on_error=True,
     )
-    max_wait_ms: float = field(
-        default=0.0,
-        metadata=_help("how long a forward pass waits for more requests once one is queued (0: take what is queued)"),
+
+    model: Path = Field(Path("exports/model"), description="export directory written by pipelines.export")
+    host: str = Field("127.0.0.1", description="interface to listen on (0.0.0.0: all)")
+    port: int = Field(8000, ge=1, le=65535, description="TCP port")
+    max_batch_rows: int = Field(
+        2048, ge=1, description="most rows scored in one forward pass (concurrent requests are merged)"
     )
-    max_queue: int = field(default=512, metadata=_help("requests waiting for the model before new ones get 503"))
-    max_body_bytes: int = field(default=8 << 20, metadata=_help("largest request body; larger ones get 413"))
-    reload_interval_s: float = field(
-        default=0.0, metadata=_help("check the export directory for a new version every N seconds (0: never)")
+    max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="how long a forward pass waits for more requests once one is queued (0: take what is queued)",
     )
-    torch_threads: int = field(default=1, metadata=_help("torch intra-op threads of the forward pass"))
-    workers: int = field(
-        default=1,
-        metadata=_help(
-            "server processes sharing the port, each with its own model and batcher (one per core: the GIL "
-            "makes one process use about one core); POST /v1/admin/reload reaches one of them, so use "
-            "--reload-interval-s with several"
-        ),
+    max_queue: int = Field(512, ge=1, description="requests waiting for the model before new ones get 503")
+    max_body_bytes: int = Field(8 << 20, ge=1, description="largest request body; larger ones get 413")
+    reload_interval_s: float = Field(
+        0.0, ge=0, description="check the export directory for a new version every N seconds (0: never)"
     )
-    access_log: bool = field(default=False, metadata=_help("log every request (uvicorn's access log)"))
-    log_level: str = field(default="info", metadata=_help("debug, info, warning or error"))
-
-    def __post_init__(self) -> None:
-        for name in ("port", "max_batch_rows", "max_queue", "max_body_bytes", "torch_threads", "workers"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_wait_ms", "reload_interval_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.log_level not in ("debug", "info", "warning", "error"):
-            raise ValueError(f"log_level must be debug, info, warning or error, got {self.log_level!r}")
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads of the forward pass")
+    workers: int = Field(
+        1,
+        ge=1,
+        description="server processes sharing the port, each with its own model and batcher (one per core: the GIL "
+        "makes one process use about one core); POST /v1/admin/reload reaches one of them, so use "
+        "--reload-interval-s with several",
+    )
+    access_log: bool = Field(False, description="log every request (uvicorn's access log)")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="the service's log level")
 
 
-def _parse_bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
-        return True
-    if text.lower() in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"expected a boolean (1/0, true/false), got {text!r}")
+Settings.__doc__ = inspect.cleandoc(Settings.__doc__ or "")  # the --help description, without source indentation
 
 
-def _converter(tp: typing.Any) -> typing.Callable[[str], typing.Any]:
-    return _parse_bool if tp is bool else tp
+def _readable(exc: ValidationError, argv: Sequence[str] = ()) -> str:
+    """One line per invalid setting, named as the user gave it: the flag if given, else its ``RECSYS_*`` variable."""
+    parts = []
+    for error in exc.errors():
+        name = str(error["loc"][0]) if error["loc"] else "settings"
+        flag = "--" + name.replace("_", "-")
+        given = any(a == flag or a.startswith(flag + "=") for a in argv)
+        parts.append(f"{flag if given else ENV_PREFIX + name.upper()}={error.get('input')!r}: {error['msg']}")
+    return "; ".join(parts)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    hints = typing.get_type_hints(Settings)
-    for f in dataclasses.fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
-        env = ENV_PREFIX + f.name.upper()
-        help_text = f"{f.metadata['help']} (env {env}; default: {f.default})"
-        if hints[f.name] is bool:
-            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        else:
-            parser.add_argument(flag, dest=f.name, type=_converter(hints[f.name]), default=None, help=help_text)
+def settings_from_environment() -> Settings:
+    """Defaults < ``RECSYS_*`` environment: what each of ``--workers N`` processes builds its app from."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise ValueError(f"environment variable {_readable(exc)}") from None
+
+
+def settings_from_command_line(argv: Sequence[str] | None) -> Settings:
+    """Defaults < environment < flags; exits with the usage line on a bad flag (``--help`` lists them)."""
+    try:
+        return CliApp.run(Settings, cli_args=list(argv) if argv is not None else None)
+    except ValidationError as exc:
+        argparse.ArgumentParser(prog=PROG).error(_readable(exc, sys.argv[1:] if argv is None else argv))
 
 
 def to_environment(settings: Settings) -> dict[str, str]:
     """``settings`` as ``RECSYS_*`` variables: how worker processes started by uvicorn receive them."""
     out = {}
-    for f in dataclasses.fields(Settings):
-        value = getattr(settings, f.name)
-        out[ENV_PREFIX + f.name.upper()] = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    for name in type(settings).model_fields:
+        value = getattr(settings, name)
+        out[ENV_PREFIX + name.upper()] = ("1" if value else "0") if isinstance(value, bool) else str(value)
     return out
-
-
-def settings_from(args: argparse.Namespace | None = None, environ: typing.Mapping[str, str] | None = None) -> Settings:
-    """Defaults < environment < flags."""
-    environ = os.environ if environ is None else environ
-    hints = typing.get_type_hints(Settings)
-    values: dict[str, typing.Any] = {}
-    for f in dataclasses.fields(Settings):
-        env = ENV_PREFIX + f.name.upper()
-        if env in environ:
-            try:
-                values[f.name] = _converter(hints[f.name])(environ[env])
-            except ValueError as exc:
-                raise ValueError(f"environment variable {env}={environ[env]!r}: {exc}") from exc
-        if args is not None and getattr(args, f.name, None) is not None:
-            values[f.name] = getattr(args, f.name)
-    return Settings(**values)

@@ -29,7 +29,7 @@ import torch
 from torchrec.datasets.utils import Batch
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
-from pipelines.preprocess import SPLITS, load_metadata
+from pipelines.data.preprocess import SPLITS, load_metadata
 from recsys.serving.criteo import DENSE_COLUMNS, LABEL, SPARSE_COLUMNS
 
 

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from pipelines.cli_config import config_to_dict
-from pipelines.engine import Engine, LoopConfig, write_report
+from pipelines.training.engine import Engine, LoopConfig, write_report
 from recsys.lsh_output import FullSoftmaxOutput, LSHConfig, LSHOutputLayer
 from recsys.sequence_encoders import EncoderWithOutput
 

@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from pipelines.synthetic import SyntheticCriteo, SyntheticCriteoConfig
+from pipelines.data.synthetic import SyntheticCriteo, SyntheticCriteoConfig
 from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
 
 # Small Criteo vocabularies (as the tests' synthetic log uses), so short runs see hot categories often.

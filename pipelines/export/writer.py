@@ -44,12 +44,12 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from pipelines.checkpoint import TRAINER_STATE_FILE, latest_checkpoint
 from pipelines.cli_config import config_to_dict
-from pipelines.evaluate import binary_metrics
-from pipelines.loader import ParquetBatchLoader, sparse_ids
-from pipelines.preprocess import VOCAB_FILE, load_metadata
-from pipelines.train import TrainConfig
+from pipelines.data.loader import ParquetBatchLoader, sparse_ids
+from pipelines.data.preprocess import VOCAB_FILE, load_metadata
+from pipelines.training.checkpoint import TRAINER_STATE_FILE, latest_checkpoint
+from pipelines.training.dlrm import TrainConfig
+from pipelines.training.evaluate import binary_metrics
 from recsys.serving import (
     CATALOGUE_KEY,
     CORE_DTYPES,
@@ -178,7 +178,7 @@ def retrieval_export(run: Path, item_column: str, sparse_columns: list[str]) -> 
     ``run`` is a ``pipelines.train_next_item`` run directory (its latest checkpoint) or one of its
     checkpoints; ``item_column`` the DLRM categorical column a candidate item id is put into.
     """
-    from pipelines.train_next_item import NextItemConfig
+    from pipelines.training.next_item import NextItemConfig
 
     run = Path(run)
     checkpoint = run if (run / TRAINER_STATE_FILE).is_file() else latest_checkpoint(run / "checkpoints")
@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    from pipelines.train import setup_logging
+    from pipelines.training.dlrm import setup_logging
 
     setup_logging()
     return export_checkpoint(

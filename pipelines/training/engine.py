@@ -23,8 +23,8 @@ from typing import Any, Protocol
 
 from tqdm import tqdm
 
-from pipelines.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipelines.report import format_table
+from pipelines.training.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,426 @@
+"""Train torchrec's DLRM on a preprocessed Criteo dataset, evaluate it, and report.
+
+Example::
+
+    python -m pipelines.train --data data/pq --out runs/dlrm --epochs 2 --batch-size 1024
+
+``--out`` receives ``checkpoints/`` (resumable with ``--resume``), ``curves.png``,
+``metrics.json`` (validation and test AUC / log loss, samples/s, bytes per table) and
+``train.log``. Runs unchanged under ``torchrun --nproc_per_node N``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.distributed as dist
+from torchrec.models.dlrm import DLRMTrain
+
+from pipelines.cli_config import add_dataclass_arguments, build_config, config_to_dict
+from pipelines.data.loader import ParquetBatchLoader, placeholder_batch
+from pipelines.data.preprocess import load_metadata
+from pipelines.report import human_bytes
+from pipelines.training.distributed import (
+    DENSE_OPTIMIZERS,
+    EMBEDDING_OPTIMIZERS,
+    init_embedding_tables,
+    init_process_group,
+    shard_with_fused_optimizer,
+)
+from pipelines.training.engine import Engine, LoopConfig, write_report
+from pipelines.training.evaluate import evaluate
+from recsys.dlrm import DLRMConfig, build_dense_collection, build_dlrm, table_bytes, table_configs
+from recsys.logs import setup_logging as configure_logging
+from recsys.tt_collection import TTConfig, TTEmbeddingBagCollection, tt_parameter_names
+
+log = logging.getLogger("pipelines.train")
+
+
+def _help(text: str) -> dict:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run depends on; stored in ``metrics.json`` and every checkpoint."""
+
+    batch_size: int = field(default=512, metadata=_help("training batch size (global, over all ranks)"))
+    epochs: int = field(default=1, metadata=_help("passes over the train split"))
+    max_steps: int = field(default=0, metadata=_help("stop after this many steps (0 = no limit)"))
+    embedding_dim: int = field(default=16, metadata=_help("width of every embedding table"))
+    dense_arch: tuple[int, ...] = field(default=(64, 16), metadata=_help("bottom MLP sizes; last = embedding-dim"))
+    over_arch: tuple[int, ...] = field(default=(128, 64, 1), metadata=_help("top MLP sizes; last = 1"))
+    interaction: Literal["dot", "dcn"] = field(default="dot", metadata=_help("DLRM dot interaction or DCN-v2"))
+    embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = field(
+        default="rowwise_adagrad", metadata=_help("optimizer fused into the tables' backward pass (fbgemm)")
+    )
+    embedding_lr: float = field(default=0.02, metadata=_help("learning rate of the embedding tables"))
+    dense_optimizer: Literal["adagrad", "adam", "sgd"] = field(
+        default="adagrad", metadata=_help("optimizer of the MLPs")
+    )
+    dense_lr: float = field(default=0.01, metadata=_help("learning rate of the MLPs"))
+    eval_every: int = field(default=0, metadata=_help("validate every N steps (0 = at the end of each epoch)"))
+    eval_batch_size: int = field(default=4096, metadata=_help("batch size of evaluation"))
+    checkpoint_every: int = field(default=500, metadata=_help("checkpoint every N steps (0 = only at the end)"))
+    keep_checkpoints: int = field(default=2, metadata=_help("how many recent checkpoints to keep"))
+    select_best: bool = field(
+        default=False, metadata=_help("test (and export) the checkpoint with the best validation AUC")
+    )
+    shuffle_buffer: int = field(default=262_144, metadata=_help("rows shuffled together by the loader"))
+    log_every: int = field(default=20, metadata=_help("record the training loss every N steps"))
+    embeddings: Literal["dense", "tt"] = field(
+        default="dense", metadata=_help("dense tables (fbgemm) or TT-compressed tables above --tt-threshold rows")
+    )
+    tt_ranks: tuple[int, ...] = field(default=(16,), metadata=_help("TT ranks: one for all, or d-1 of them"))
+    tt_threshold: int = field(default=10_000, metadata=_help("tables with more rows than this become TT"))
+    tt_cores: int = field(default=3, metadata=_help("number of TT cores per table (2-4)"))
+    tt_optimizer: Literal["same", "rowwise_adagrad", "adagrad", "sgd"] = field(
+        default="same", metadata=_help("fused optimizer of the TT cores ('same' = --embedding-optimizer)")
+    )
+    tt_lr: float = field(default=0.0, metadata=_help("learning rate of the TT cores (0 = --embedding-lr)"))
+    tt_cache_size: int = field(default=0, metadata=_help("rows of each TT table's LFU cache (0 = no cache)"))
+    tt_cache_refresh: int = field(
+        default=500, metadata=_help("refill the LFU caches from the row frequencies every N steps")
+    )
+    data_streams: int = field(
+        default=0,
+        metadata=_help(
+            "row-group streams the training data is dealt into (0 = one per process); runs with equal streams "
+            "see the same global batches whatever their number of processes"
+        ),
+    )
+    seed: int = field(default=0, metadata=_help("seed of initialisation and data order"))
+    device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_help("where to train"))
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "epochs", "eval_batch_size", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("max_steps", "eval_every", "checkpoint_every", "keep_checkpoints", "data_streams"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.embedding_optimizer not in EMBEDDING_OPTIMIZERS:
+            raise ValueError(f"embedding_optimizer must be one of {sorted(EMBEDDING_OPTIMIZERS)}")
+        if self.dense_optimizer not in DENSE_OPTIMIZERS:
+            raise ValueError(f"dense_optimizer must be one of {sorted(DENSE_OPTIMIZERS)}")
+        if self.embedding_lr <= 0 or self.dense_lr <= 0 or self.tt_lr < 0:
+            raise ValueError("learning rates must be positive")
+        if self.tt_cache_refresh < 1:
+            raise ValueError(f"tt_cache_refresh must be >= 1, got {self.tt_cache_refresh}")
+        self.tt_config()  # validates the TT settings
+        self.model_config()  # validates the architecture
+
+    def loop_config(self) -> LoopConfig:
+        return LoopConfig(
+            epochs=self.epochs,
+            max_steps=self.max_steps,
+            eval_every=self.eval_every,
+            log_every=self.log_every,
+            checkpoint_every=self.checkpoint_every,
+            keep_checkpoints=self.keep_checkpoints,
+            select_best=self.select_best,
+            best_metric="auc",
+        )
+
+    def tt_config(self) -> TTConfig:
+        ranks = self.tt_ranks[0] if len(self.tt_ranks) == 1 else self.tt_ranks
+        optimizer = self.embedding_optimizer if self.tt_optimizer == "same" else self.tt_optimizer
+        return TTConfig(
+            ranks=ranks,
+            threshold=self.tt_threshold,
+            optimizer=optimizer,
+            learning_rate=self.tt_lr or self.embedding_lr,
+            num_cores=self.tt_cores,
+            cache_size=self.tt_cache_size,
+        )
+
+    def model_config(self) -> DLRMConfig:
+        return DLRMConfig(
+            embedding_dim=self.embedding_dim,
+            dense_arch=self.dense_arch,
+            over_arch=self.over_arch,
+            interaction=self.interaction,
+        )
+
+
+class Trainer:
+    """One training job: build, (resume), train, validate, checkpoint, test, report."""
+
+    def __init__(
+        self, config: TrainConfig, data_dir: Path, out_dir: Path, resume: bool = False, progress: bool = True
+    ) -> None:
+        self.config = config
+        self.data_dir = Path(data_dir)
+        self.out_dir = Path(out_dir)
+        self.resume = resume
+        self.metadata = load_metadata(self.data_dir)
+        self.info = init_process_group(config.device)
+        self.is_rank0 = self.info.rank == 0
+        self.progress = progress and self.is_rank0
+        if config.batch_size % self.info.world_size:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by world size {self.info.world_size}")
+
+        torch.manual_seed(config.seed)
+        vocab_sizes = self.metadata["vocab_sizes"]
+        meta = torch.device("meta")
+        self.tt_collection: TTEmbeddingBagCollection | None = None
+        if config.embeddings == "tt":
+            collection = TTEmbeddingBagCollection(
+                table_configs(vocab_sizes, config.embedding_dim),
+                config.tt_config(),
+                device=self.info.device,
+                dense_device=meta,
+            )
+            self.tt_collection = collection
+            self.table_report = collection.table_report()
+            sparse_module = collection.dense
+        else:
+            collection = build_dense_collection(vocab_sizes, config.embedding_dim, device=meta)
+            self.table_report = {
+                name: {
+                    "kind": "dense",
+                    "rows": collection.embedding_bags[name].num_embeddings,
+                    "bytes": n,
+                    "dense_bytes": n,
+                    "cache_bytes": 0,
+                }
+                for name, n in table_bytes(collection).items()
+            }
+            sparse_module = collection
+        self.table_bytes = {name.removeprefix("t_"): r["bytes"] for name, r in self.table_report.items()}
+        model = DLRMTrain(
+            build_dlrm(config.model_config(), collection, len(self.metadata["dense_features"]), device=self.info.device)
+        )
+        self.model, self.optimizer = shard_with_fused_optimizer(
+            model,
+            sparse_module,
+            config.embedding_optimizer,
+            config.embedding_lr,
+            config.dense_optimizer,
+            config.dense_lr,
+            self.info.device,
+            self_updating=tt_parameter_names(model),
+        )
+        init_embedding_tables(self.model, config.seed)  # the same tables for any number of processes
+        if self.tt_collection is not None and self.info.world_size > 1:
+            self.tt_collection.set_process_group(dist.group.WORLD)  # replicated TT tables, synced updates
+        if self.tt_collection is not None:
+            log.info(
+                "TT tables: %s; embeddings %s instead of %s dense (%.0fx smaller)",
+                ", ".join(
+                    f"{n} {r['p_shapes']}x{r['q_shapes']} r{r['ranks']}"
+                    for n, r in self.table_report.items()
+                    if r["kind"] == "tt"
+                ),
+                human_bytes(sum(r["bytes"] for r in self.table_report.values())),
+                human_bytes(sum(r["dense_bytes"] for r in self.table_report.values())),
+                self._compression_ratio(),
+            )
+        local_batch = config.batch_size // self.info.world_size
+        self.train_loader = ParquetBatchLoader(
+            self.data_dir,
+            "train",
+            local_batch,
+            shuffle=True,
+            shuffle_buffer=config.shuffle_buffer,
+            seed=config.seed,
+            rank=self.info.rank,
+            world_size=self.info.world_size,
+            streams=config.data_streams or self.info.world_size,
+        )
+        self.placeholder = placeholder_batch(len(self.metadata["dense_features"]), len(vocab_sizes))
+        self.eval_loaders = {
+            split: ParquetBatchLoader(
+                self.data_dir,
+                split,
+                config.eval_batch_size,
+                shuffle=False,
+                rank=self.info.rank,
+                world_size=self.info.world_size,
+            )
+            for split in ("validation", "test")
+        }
+        self.engine = Engine(self, config.loop_config(), self.out_dir, config_to_dict(config), self.progress)
+
+    @property
+    def state(self) -> dict:
+        """The loop's position and record (``pipelines.engine``): step, epoch, samples, history, best."""
+        return self.engine.state
+
+    def _global_mean(self, loss: torch.Tensor) -> float:
+        """The loss of the whole global batch (each rank holds the mean over its own slice)."""
+        value = loss.detach().float().reshape(1).clone()
+        if self.info.world_size > 1:
+            dist.all_reduce(value)
+            value /= self.info.world_size
+        return value.item()
+
+    def _compression_ratio(self) -> float:
+        stored = sum(r["bytes"] for r in self.table_report.values())
+        return sum(r["dense_bytes"] for r in self.table_report.values()) / stored
+
+    # -- the engine's task ------------------------------------------------------------
+    def steps_per_epoch(self) -> int:
+        return len(self.train_loader)
+
+    def batches(self, epoch: int, skip: int):
+        return self.train_loader.batches(epoch, skip)
+
+    def train_step(self, batch) -> tuple[float, int]:
+        loss, _ = self.model(batch.to(self.info.device))
+        self.optimizer.zero_grad()
+        loss.backward()  # the tables are updated here (fused optimizer)
+        self.optimizer.step()
+        return self._global_mean(loss), batch.labels.numel() * self.info.world_size
+
+    def validate(self, epochs_done: int) -> dict:
+        metrics = evaluate(self.model, self.eval_loaders["validation"].batches(), self.info.device, self.placeholder)
+        return {"auc": metrics["auc"], "logloss": metrics["logloss"]}
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def checkpoint_state(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+
+    def restore(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+
+    def after_step(self, step: int) -> None:
+        cfg = self.config
+        if self.tt_collection is not None and cfg.tt_cache_size and step % cfg.tt_cache_refresh == 0:
+            self.tt_collection.cache_populate()
+
+    def _restore(self, path: Path) -> dict:
+        """Load the checkpoint at ``path`` (model, optimizer); its trainer state is returned."""
+        return self.engine.restore(path)
+
+    # -- the run -----------------------------------------------------------------------
+    def train(self) -> None:
+        if self.resume:
+            self.engine.resume()
+        self.engine.train()
+
+    def run(self) -> dict:
+        start = time.perf_counter()
+        self.train()
+        self.engine.end_on_best()
+        validation = evaluate(self.model, self.eval_loaders["validation"].batches(), self.info.device, self.placeholder)
+        test = (
+            evaluate(self.model, self.eval_loaders["test"].batches(), self.info.device, self.placeholder)
+            if self.metadata["splits"]["test"]["rows"]
+            else None
+        )
+        metrics = self._metrics(validation, test, time.perf_counter() - start)
+        if self.is_rank0:
+            self._report(metrics)
+        return metrics
+
+    # -- reporting ------------------------------------------------------------------
+    def _metrics(self, validation: dict, test: dict | None, wall: float) -> dict:
+        seconds = self.state["train_seconds"]
+        total_bytes = sum(self.table_bytes.values())
+        return {
+            "val_auc": validation["auc"],
+            "val_logloss": validation["logloss"],
+            "test_auc": None if test is None else test["auc"],
+            "test_logloss": None if test is None else test["logloss"],
+            "samples_per_second": self.state["samples"] / seconds if seconds > 0 else None,
+            "steps": self.state["step"],
+            "samples": self.state["samples"],
+            "train_seconds": seconds,
+            "wall_seconds": wall,
+            "embeddings": self.config.embeddings,
+            "table_bytes": self.table_bytes,
+            "total_table_bytes": total_bytes,
+            "dense_table_bytes": sum(r["dense_bytes"] for r in self.table_report.values()),
+            "compression_ratio": self._compression_ratio(),
+            "tables": {name.removeprefix("t_"): r for name, r in self.table_report.items()},
+            "cache": self.tt_collection.cache_stats() if self.tt_collection is not None else {},
+            "selected_step": (self.state["best"] or {}).get("step", self.state["step"]),
+            "world_size": self.info.world_size,
+            "config": config_to_dict(self.config),
+            "data": str(self.data_dir),
+            "history": self.state["history"],
+        }
+
+    def _report(self, metrics: dict) -> None:
+        def fmt(v: float | None) -> object:
+            return "-" if v is None else v
+
+        rows = [
+            ["validation AUC", fmt(metrics["val_auc"])],
+            ["validation log loss", fmt(metrics["val_logloss"])],
+            ["test AUC", fmt(metrics["test_auc"])],
+            ["test log loss", fmt(metrics["test_logloss"])],
+            ["samples/s (train)", f"{metrics['samples_per_second']:,.0f}"],
+            ["steps", metrics["steps"]],
+            ["embedding tables", human_bytes(metrics["total_table_bytes"])],
+            ["as dense tables", human_bytes(metrics["dense_table_bytes"])],
+            ["compression", f"{metrics['compression_ratio']:.1f}x"],
+        ]
+        if metrics["cache"]:
+            lookups = sum(c["lookups"] for c in metrics["cache"].values())
+            hits = sum(c["hits"] for c in metrics["cache"].values())
+            cache_bytes = sum(r["cache_bytes"] for r in metrics["tables"].values())
+            rows.append(["TT cache hit rate", f"{hits / lookups:.3f}" if lookups else "-"])
+            rows.append(["TT caches (training only)", human_bytes(cache_bytes)])
+        table_rows = [
+            [
+                name,
+                r["rows"],
+                r["kind"] + (f" {r['p_shapes']}x{r['q_shapes']} r{r['ranks']}" if r["kind"] == "tt" else ""),
+                human_bytes(r["bytes"]),
+                f"{r['dense_bytes'] / r['bytes']:.1f}x",
+            ]
+            for name, r in metrics["tables"].items()
+        ]
+        write_report(
+            self.out_dir,
+            metrics,
+            rows,
+            f"DLRM ({self.config.interaction} interaction) on {self.data_dir}",
+            tables=[(["table", "rows", "kind", "bytes", "compression"], table_rows)],
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m pipelines.train",
+        description="Train torchrec's DLRM on a dataset written by pipelines.preprocess, with fbgemm's fused "
+        "embedding optimizer; validate, checkpoint, test, and write metrics.json and curves.png to --out.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--data", type=Path, required=True, help="directory written by pipelines.preprocess")
+    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics.json, curves.png)")
+    p.add_argument("--config", type=Path, default=None, help="YAML file of config values (flags override it)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    add_dataclass_arguments(p, TrainConfig)
+    return p
+
+
+def setup_logging(out_dir: Path | None = None) -> None:
+    """Readable logs at INFO, also into ``OUT/train.log`` when a run directory is given."""
+    configure_logging("INFO", out_dir / "train.log" if out_dir is not None else None)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    setup_logging(args.out)
+    config = build_config(TrainConfig, args, args.config)
+    log.info("config: %s", json.dumps(config_to_dict(config)))
+    trainer = Trainer(config, args.data, args.out, resume=args.resume, progress=not args.no_progress)
+    return trainer.run()
+
+
+if __name__ == "__main__":
+    main()
