@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from pipelines.generate import generate_tsv
-from pipelines.preprocess import PreprocessConfig, Preprocessor
+from pipelines.data.generate import generate_tsv
+from pipelines.data.preprocess import PreprocessConfig, Preprocessor
 from pipelines.report import format_table, human_bytes
 from recsys.serving.criteo import NUM_SPARSE
 
@@ -79,7 +79,7 @@ def _ddp_counting_hook(counter: collections.Counter):
 
 
 def worker(args: argparse.Namespace) -> None:
-    from pipelines.train import TrainConfig, Trainer, setup_logging
+    from pipelines.training.dlrm import TrainConfig, Trainer, setup_logging
 
     setup_logging()
     counter: collections.Counter = collections.Counter()

@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 from torchrec.datasets.criteo import BinaryCriteoUtils
 
-from pipelines.generate import generate_tsv
-from pipelines.preprocess import PreprocessConfig, Preprocessor
+from pipelines.data.generate import generate_tsv
+from pipelines.data.preprocess import PreprocessConfig, Preprocessor
 from recsys.serving.criteo import NUM_SPARSE
 
 DEFAULT_REAL_FILE = "criteo/kaggle_train_head_10k.tsv"

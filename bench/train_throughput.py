@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torchrec.models.dlrm import DLRMTrain
 
-from pipelines.generate import generate_tsv
-from pipelines.loader import ParquetBatchLoader
-from pipelines.preprocess import PreprocessConfig, Preprocessor
-from pipelines.train import TrainConfig, Trainer
+from pipelines.data.generate import generate_tsv
+from pipelines.data.loader import ParquetBatchLoader
+from pipelines.data.preprocess import PreprocessConfig, Preprocessor
+from pipelines.training.dlrm import TrainConfig, Trainer
 from recsys.dlrm import build_dense_collection, build_dlrm
 
 

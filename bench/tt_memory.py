@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
-from pipelines.generate import generate_tsv
-from pipelines.preprocess import PreprocessConfig, Preprocessor
+from pipelines.data.generate import generate_tsv
+from pipelines.data.preprocess import PreprocessConfig, Preprocessor
 from pipelines.report import format_table, human_bytes
-from pipelines.train import TrainConfig, Trainer, setup_logging
+from pipelines.training.dlrm import TrainConfig, Trainer, setup_logging
 from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES
 
 

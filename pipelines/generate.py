@@ -1,6 +1,6 @@
 """``python -m pipelines.generate``: write a synthetic Criteo-format click log.
 
-The command only; the code is :mod:`pipelines.data.generate`)..
+The command only; the code is :mod:`pipelines.data.generate`.
 """
 
 from pipelines.data.generate import main

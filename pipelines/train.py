@@ -1,6 +1,6 @@
 """``python -m pipelines.train``: train a DLRM (dense or TT embeddings).
 
-The command only; the code is :mod:`pipelines.training.dlrm`)..
+The command only; the code is :mod:`pipelines.training.dlrm`.
 """
 
 from pipelines.training.dlrm import main

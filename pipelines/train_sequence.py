@@ -1,6 +1,6 @@
 """``python -m pipelines.train_sequence``: the sequence-aware DLRM with an LSH attention.
 
-The command only; the code is :mod:`pipelines.training.sequence`)..
+The command only; the code is :mod:`pipelines.training.sequence`.
 """
 
 from pipelines.training.sequence import main

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.generate import generate_tsv
-from pipelines.synthetic import SyntheticCriteoConfig
+from pipelines.data.generate import generate_tsv
+from pipelines.data.synthetic import SyntheticCriteoConfig
 
 SMALL_VOCABS = (50, 40, 2000, 1500, 30, 10, 300, 60, 3, 800, 200, 1800, 100,
                 20, 400, 1200, 8, 150, 90, 4, 1600, 12, 10, 700, 40, 500)  # fmt: skip

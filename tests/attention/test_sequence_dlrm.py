@@ -1,4 +1,4 @@
-"""The planted history signal (pipelines/sequence_synthetic.py), the sequence-aware DLRM and its training command."""
+"""The planted history signal (pipelines/data/sequence_synthetic.py), the sequence-aware DLRM, its command."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.evaluate import binary_metrics
-from pipelines.sequence_synthetic import SequenceSignalConfig, SequenceSynthetic
-from pipelines.train_sequence import FEATURES, SequenceTrainConfig, build_model, main, train
+from pipelines.data.sequence_synthetic import SequenceSignalConfig, SequenceSynthetic
+from pipelines.training.evaluate import binary_metrics
+from pipelines.training.sequence import FEATURES, SequenceTrainConfig, build_model, main, train
 
 ATTENTIONS = ("dense", "reformer", "smyrf", "yoso", "learned_lsh")
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kernels.lsh import build_buckets
-from pipelines.checkpoint import load_checkpoint, save_checkpoint
+from pipelines.training.checkpoint import load_checkpoint, save_checkpoint
 from recsys import lsh_output
 from recsys.lsh_output import FullSoftmaxOutput, LSHConfig, LSHOutputLayer
 

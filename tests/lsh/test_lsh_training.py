@@ -21,7 +21,7 @@ def _recall_at(layer: LSHOutputLayer, hidden: torch.Tensor, labels: torch.Tensor
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_learned_hashing_raises_recall_of_positives_on_delicious(data_dir):
-    from pipelines.xmc_data import read_xmc
+    from pipelines.data.xmc_data import read_xmc
     from recsys.sequence_encoders import EncoderWithOutput, SparseFeatureEncoder
 
     torch.manual_seed(0)

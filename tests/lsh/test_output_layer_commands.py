@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.checkpoint import load_checkpoint
-from pipelines.output_layer_training import ranking_metrics
-from pipelines.sequences import next_item_splits, read_sequences
-from pipelines.xmc_data import read_xmc
+from pipelines.data.sequences import next_item_splits, read_sequences
+from pipelines.data.xmc_data import read_xmc
+from pipelines.training.checkpoint import load_checkpoint
+from pipelines.training.output_layer import ranking_metrics
 
 
 def _write_xmc(path, points, features, labels, seed) -> list[tuple[list[int], dict[int, float]]]:
@@ -105,7 +105,7 @@ def test_ranking_metrics_by_hand():
 def test_train_xmc_writes_the_metrics_of_its_checkpointed_model(tmp_path, layer):
     """P@k / nDCG@k in metrics.json equal those recomputed here from the checkpoint: encoder, scores, ranking,
     counts (and, for LSH, retrieval from the checkpointed tables) all written out, none through the pipeline."""
-    from pipelines.train_xmc import main
+    from pipelines.training.xmc import main
 
     rows = _write_xmc(tmp_path / "d.txt", 300, 40, 30, seed=1)
     out = tmp_path / layer
@@ -146,7 +146,7 @@ def test_train_xmc_writes_the_metrics_of_its_checkpointed_model(tmp_path, layer)
 def test_train_next_item_writes_the_metrics_of_its_checkpointed_model(tmp_path):
     """Recall@10 / nDCG@10 (exact and from the LSH tables) recomputed from the checkpoint: history encoder,
     scores, ranking and counts written out here."""
-    from pipelines.train_next_item import main
+    from pipelines.training.next_item import main
 
     g = torch.Generator().manual_seed(0)
     sequences = [torch.randint(1, 60, (8,), generator=g).tolist() for _ in range(80)]

@@ -6,7 +6,7 @@ rank's lookups, so the replicas stay identical. The references are independent o
 ``sparse=False`` module (or a dense table) stepped by ``torch.optim`` on the mean of the ranks' losses, and the
 counts of both ranks' lookups added by hand. A gloo group of two needs no second process: two
 ``ProcessGroupGloo`` objects over one ``HashStore`` talk to each other from two threads, which keeps these tests
-at a second or so (the torchrun tests of ``tests/pipelines/test_distributed.py`` are slow).
+at a second or so (the torchrun tests of ``tests/pipelines/training/test_distributed.py`` are slow).
 """
 
 from __future__ import annotations

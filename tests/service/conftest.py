@@ -19,13 +19,13 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.export import export_checkpoint
-from pipelines.generate import generate_tsv
-from pipelines.loader import ParquetBatchLoader
-from pipelines.preprocess import VOCAB_FILE, PreprocessConfig, Preprocessor, load_metadata
-from pipelines.train import TrainConfig, Trainer
-from pipelines.train_next_item import NextItemConfig
-from pipelines.train_next_item import run as train_next_item
+from pipelines.data.generate import generate_tsv
+from pipelines.data.loader import ParquetBatchLoader
+from pipelines.data.preprocess import VOCAB_FILE, PreprocessConfig, Preprocessor, load_metadata
+from pipelines.export.writer import export_checkpoint
+from pipelines.training.dlrm import TrainConfig, Trainer
+from pipelines.training.next_item import NextItemConfig
+from pipelines.training.next_item import run as train_next_item
 from recsys.serving.criteo import RAW_COLUMNS
 
 REPO = Path(__file__).resolve().parents[2]

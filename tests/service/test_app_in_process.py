@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
 
 import service.app
-from pipelines.export import export_checkpoint
+from pipelines.export.writer import export_checkpoint
 from recsys.serving import MODEL_FILE
 from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
 from service.app import app_from_environment, create_app

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipelines.checkpoint import TRAINER_STATE_FILE, latest_checkpoint
-from pipelines.export import evaluate_model, export_checkpoint
-from pipelines.loader import ParquetBatchLoader, sparse_ids
-from pipelines.preprocess import PreprocessConfig, Preprocessor
-from pipelines.train import TrainConfig, Trainer
+from pipelines.data.loader import ParquetBatchLoader, sparse_ids
+from pipelines.data.preprocess import PreprocessConfig, Preprocessor
+from pipelines.export.writer import evaluate_model, export_checkpoint
+from pipelines.training.checkpoint import TRAINER_STATE_FILE, latest_checkpoint
+from pipelines.training.dlrm import TrainConfig, Trainer
 from recsys.serving import MODEL_FILE, load_exported, read_manifest, read_tensors
 
 from .conftest import REPO, LiveServer, random_rows, training_scores

@@ -18,12 +18,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.checkpoint import latest_checkpoint
-from pipelines.export import build_parser, export_checkpoint, features_section, load_checkpoint_tensors
-from pipelines.loader import ParquetBatchLoader, sparse_ids
-from pipelines.preprocess import PreprocessConfig, Preprocessor, load_metadata
-from pipelines.train import Trainer
-from pipelines.tsv import MalformedReport, read_log
+from pipelines.data.loader import ParquetBatchLoader, sparse_ids
+from pipelines.data.preprocess import PreprocessConfig, Preprocessor, load_metadata
+from pipelines.data.tsv import MalformedReport, read_log
+from pipelines.export.writer import build_parser, export_checkpoint, features_section, load_checkpoint_tensors
+from pipelines.training.checkpoint import latest_checkpoint
+from pipelines.training.dlrm import Trainer
 from recsys.serving import (
     FEATURES_FILE,
     MANIFEST_DIGEST_FILE,
@@ -337,7 +337,7 @@ def test_killed_export_leaves_the_previous_one(dense_run, tmp_path):
     script = (
         "import sys, time\n"
         "import recsys.serving.format as fmt\n"
-        "from pipelines.export import main\n"
+        "from pipelines.export.writer import main\n"
         "fmt._publish = lambda tmp, target: time.sleep(600)\n"
         "main(sys.argv[1:])\n"
     )

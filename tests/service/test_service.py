@@ -16,15 +16,15 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from pipelines.checkpoint import latest_checkpoint
-from pipelines.export import export_checkpoint, load_checkpoint_tensors
-from pipelines.output_layer_training import build_output_layer
-from pipelines.train_next_item import NextItemConfig
+from pipelines.export.writer import export_checkpoint, load_checkpoint_tensors
+from pipelines.training.checkpoint import latest_checkpoint
+from pipelines.training.next_item import NextItemConfig
+from pipelines.training.output_layer import build_output_layer
 from recsys.sequence_encoders import EncoderWithOutput, HistoryEncoder
 from recsys.serving import MODEL_FILE, load_exported
 from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
 from service.app import create_app
-from service.settings import Settings, settings_from
+from service.settings import Settings, settings_from_environment
 
 from .conftest import ITEM_COLUMN, NUM_ITEMS, REPO, LiveServer, random_rows, training_scores
 
@@ -291,11 +291,12 @@ def test_hot_reload_without_failing_in_flight_requests(tt_run, dense_run, tt_tra
 def test_in_process_app_and_settings(dense_export, dense_trainer, monkeypatch, tmp_path):
     monkeypatch.setenv("RECSYS_PORT", "9001")
     monkeypatch.setenv("RECSYS_MAX_WAIT_MS", "3")
-    settings = settings_from(None)
+    settings = settings_from_environment()
     assert settings.port == 9001 and settings.max_wait_ms == 3.0
     monkeypatch.setenv("RECSYS_PORT", "nope")
-    with pytest.raises(ValueError, match="RECSYS_PORT"):
-        settings_from(None)
+    with pytest.raises(ValueError, match="RECSYS_PORT='nope'"):
+        settings_from_environment()
+    monkeypatch.delenv("RECSYS_PORT")  # Settings(...) reads the environment too (arguments win)
     with TestClient(create_app(Settings(model=dense_export))) as client:
         dense, sparse = random_rows(np.random.default_rng(61), 5, hot=100)
         answer = client.post("/v1/score", json=_body(dense, sparse)).json()
@@ -368,5 +369,6 @@ def test_compose_file_references_what_exists():
     assert "torchrun" in multi_command and "-m pipelines.train" in multi_command and "--data-streams" in multi_command
     commands = json.dumps(services)
     for module in ("pipelines.export", "service", "pipelines.train", "pipelines.preprocess"):
-        assert (REPO / (module.replace(".", "/") + ".py")).exists() or (REPO / module / "__main__.py").exists()
+        path = REPO / module.replace(".", "/")
+        assert path.with_suffix(".py").exists() or (path / "__main__.py").exists(), module
         assert module in commands

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from pipelines.loader import ParquetBatchLoader, placeholder_batch, rows_to_batch
-from pipelines.preprocess import FORMAT_VERSION, METADATA_FILE, PreprocessConfig, Preprocessor, load_metadata
+from pipelines.data.loader import ParquetBatchLoader, placeholder_batch, rows_to_batch
+from pipelines.data.preprocess import FORMAT_VERSION, METADATA_FILE, PreprocessConfig, Preprocessor, load_metadata
 from recsys.serving.criteo import DENSE_COLUMNS, LABEL, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
 
 COLUMNS = [LABEL, *DENSE_COLUMNS, *SPARSE_COLUMNS]

@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from pipelines.preprocess import PreprocessConfig, Preprocessor, load_metadata, main
+from pipelines.data.preprocess import PreprocessConfig, Preprocessor, load_metadata, main
 from recsys.serving.criteo import DENSE_COLUMNS, NUM_SPARSE, SPARSE_COLUMNS
 
 
@@ -119,7 +119,7 @@ def test_failed_run_leaves_previous_output_intact(tmp_path, monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr("pipelines.preprocess._ShardWriter.close", boom)
+    monkeypatch.setattr("pipelines.data.preprocess._ShardWriter.close", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         Preprocessor([raw], out, cfg, progress=False).run()
     assert (out / "metadata.json").read_text() == before

@@ -9,7 +9,7 @@ import pytest
 from pipelines import preprocess, train
 from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 FILES = ("kaggle_train_head_10k.tsv", "kaggle_misc_samples.tsv", "terabyte_day0_part_10k.tsv")
 
 

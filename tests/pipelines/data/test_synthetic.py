@@ -10,9 +10,9 @@ import pytest
 import torch
 from torchmetrics.functional.classification import binary_auroc
 
-from pipelines.generate import generate_tsv
-from pipelines.synthetic import SyntheticCriteo, SyntheticCriteoConfig, zipf_ranks
-from pipelines.tsv import MalformedReport, read_log
+from pipelines.data.generate import generate_tsv
+from pipelines.data.synthetic import SyntheticCriteo, SyntheticCriteoConfig, zipf_ranks
+from pipelines.data.tsv import MalformedReport, read_log
 from recsys.serving.criteo import KAGGLE_SPARSE_MISSING, KAGGLE_VOCAB_SIZES, NUM_COLUMNS, RAW_COLUMNS
 
 

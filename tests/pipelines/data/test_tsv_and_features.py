@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from pipelines.tsv import MalformedReport, count_lines, read_log
+from pipelines.data.tsv import MalformedReport, count_lines, read_log
 from recsys.serving.features import HashMapping, VocabMapping, decode_hex, transform_dense
 
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from pipelines.checkpoint import TRAINER_STATE_FILE
+from pipelines.training.checkpoint import TRAINER_STATE_FILE
 
 RESUMED_LINE = re.compile(r"resumed from \S+ \(step (\d+), epoch (\d+), batch (\d+)\)")
 

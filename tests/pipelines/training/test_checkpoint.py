@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import pipelines.checkpoint as checkpoint
-from pipelines.checkpoint import (
+import pipelines.training.checkpoint as checkpoint
+from pipelines.training.checkpoint import (
     TRAINER_STATE_FILE,
     checkpoint_dirs,
     latest_checkpoint,

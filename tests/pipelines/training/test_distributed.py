@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pipelines.generate import generate_tsv
-from pipelines.preprocess import PreprocessConfig, Preprocessor
+from pipelines.data.generate import generate_tsv
+from pipelines.data.preprocess import PreprocessConfig, Preprocessor
 from recsys.serving.criteo import NUM_SPARSE
-from tests.pipelines.resume_checks import (
+from tests.pipelines.training.resume_checks import (
     assert_kinds_present,
     checkpoint_contents,
     checkpoint_steps,
@@ -24,7 +24,7 @@ from tests.pipelines.resume_checks import (
     resumed_from,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 TT_FLAGS = ["--embeddings", "tt", "--tt-ranks", "8", "--tt-threshold", "500", "--tt-cache-size", "64",
             "--tt-cache-refresh", "10"]  # fmt: skip

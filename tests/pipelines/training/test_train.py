@@ -15,14 +15,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipelines.evaluate import binary_metrics
-from pipelines.generate import generate_tsv
-from pipelines.loader import ParquetBatchLoader
-from pipelines.preprocess import PreprocessConfig, Preprocessor, load_metadata
-from pipelines.synthetic import SyntheticCriteo
-from pipelines.train import TrainConfig, Trainer, build_parser
+from pipelines.data.generate import generate_tsv
+from pipelines.data.loader import ParquetBatchLoader
+from pipelines.data.preprocess import PreprocessConfig, Preprocessor, load_metadata
+from pipelines.data.synthetic import SyntheticCriteo
+from pipelines.training.dlrm import TrainConfig, Trainer, build_parser
+from pipelines.training.evaluate import binary_metrics
 from recsys.baselines import LogisticCTR
-from tests.pipelines.resume_checks import (
+from tests.pipelines.training.resume_checks import (
     assert_kinds_present,
     checkpoint_contents,
     checkpoint_steps,
@@ -30,7 +30,7 @@ from tests.pipelines.resume_checks import (
     resumed_from,
 )
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 
 
 @pytest.fixture(scope="module")
