@@ -78,3 +78,43 @@ def build_config(cls: type[T], args: argparse.Namespace, config_file: Path | Non
 def config_to_dict(config: Any) -> dict:
     """JSON-friendly dict of a dataclass config (tuples become lists)."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def command_parser(
+    prog: str,
+    description: str,
+    config_cls: type,
+    inputs: dict[str, dict[str, Any]] | None = None,
+    out_help: str = "run directory (metrics.json, curves.png, train.log, checkpoints/)",
+    resume: bool = False,
+) -> argparse.ArgumentParser:
+    """The parser of a training command: its inputs, ``--out``, ``--config``, ``--no-progress``, its config's flags."""
+    p = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    for flag, options in (inputs or {}).items():
+        p.add_argument(flag, **options)
+    p.add_argument("--out", type=Path, required=True, help=out_help)
+    p.add_argument("--config", type=Path, default=None, help="YAML file of config values (flags override it)")
+    if resume:
+        p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    add_dataclass_arguments(p, config_cls)
+    return p
+
+
+def start_command(parser: argparse.ArgumentParser, config_cls: type[T], argv: list[str] | None) -> tuple[Any, T]:
+    """Parse ``argv``, set up logging into ``OUT/train.log``, build and log the config: ``(args, config)``."""
+    import json
+    import logging
+
+    from recsys.logs import setup_logging
+
+    args = parser.parse_args(argv)
+    setup_logging("INFO", args.out / "train.log")
+    try:
+        config = build_config(config_cls, args, args.config)
+    except ValueError as exc:
+        parser.error(str(exc))
+    logging.getLogger("pipelines").info("config: %s", json.dumps(config_to_dict(config)))
+    return args, config

@@ -12,7 +12,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torchrec.models.dlrm import DLRMTrain
 
-from pipelines.cli_config import add_dataclass_arguments, build_config, config_to_dict
+from pipelines.cli_config import command_parser, config_to_dict, start_command
 from pipelines.data.loader import ParquetBatchLoader, placeholder_batch
 from pipelines.data.preprocess import load_metadata
 from pipelines.report import human_bytes
@@ -393,19 +392,15 @@ class Trainer:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.train",
-        description="Train torchrec's DLRM on a dataset written by pipelines.preprocess, with fbgemm's fused "
-        "embedding optimizer; validate, checkpoint, test, and write metrics.json and curves.png to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    return command_parser(
+        "python -m pipelines.train",
+        "Train torchrec's DLRM on a dataset written by pipelines.preprocess, with fbgemm's fused embedding optimizer; "
+        "validate, checkpoint, test, and write metrics.json and curves.png to --out.",
+        TrainConfig,
+        inputs={"--data": dict(type=Path, required=True, help="directory written by pipelines.preprocess")},
+        out_help="run directory (checkpoints, metrics.json, curves.png)",
+        resume=True,
     )
-    p.add_argument("--data", type=Path, required=True, help="directory written by pipelines.preprocess")
-    p.add_argument("--out", type=Path, required=True, help="run directory (checkpoints, metrics.json, curves.png)")
-    p.add_argument("--config", type=Path, default=None, help="YAML file of config values (flags override it)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    add_dataclass_arguments(p, TrainConfig)
-    return p
 
 
 def setup_logging(out_dir: Path | None = None) -> None:
@@ -414,10 +409,7 @@ def setup_logging(out_dir: Path | None = None) -> None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.out)
-    config = build_config(TrainConfig, args, args.config)
-    log.info("config: %s", json.dumps(config_to_dict(config)))
+    args, config = start_command(build_parser(), TrainConfig, argv)
     trainer = Trainer(config, args.data, args.out, resume=args.resume, progress=not args.no_progress)
     return trainer.run()
 

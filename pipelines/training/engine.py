@@ -94,6 +94,24 @@ class TrainingTask(Protocol):
         """Per-step work besides the update (the TT cache refresh); usually nothing."""
 
 
+class ModelTask:
+    """Defaults for a task whose whole trained state is ``self.model`` (the output-layer and sequence commands)."""
+
+    model: Any
+
+    def train_mode(self) -> None:
+        self.model.train()
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        return {"model": self.model.state_dict()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+
+    def after_step(self, step: int) -> None:
+        """Nothing besides the update."""
+
+
 def new_state() -> dict[str, Any]:
     """The loop's position and record: saved in every checkpoint (``trainer_state.json``)."""
     return {

@@ -14,16 +14,14 @@ retrieved from its tables (``retrieval_recall@10``), the candidate path a servic
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from pipelines.cli_config import add_dataclass_arguments, build_config, config_to_dict
+from pipelines.cli_config import command_parser, start_command
 from pipelines.data.sequences import next_item_splits, read_sequences
-from pipelines.training.dlrm import setup_logging
 from pipelines.training.output_layer import (
     OutputLayerConfig,
     OutputLayerTask,
@@ -99,25 +97,18 @@ def run(config: NextItemConfig, data_path: Path, out_dir: Path, progress: bool =
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.train_next_item",
-        description="Train a history encoder with an LSH (MONGOOSE/SLIDE) or full-softmax output layer over the item "
-        "catalog; Recall@10 / nDCG@10 on each user's last item; metrics.json, curves.png, checkpoint in --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    return command_parser(
+        "python -m pipelines.train_next_item",
+        "Train a history encoder with an LSH (MONGOOSE/SLIDE) or full-softmax output layer over the item catalog; "
+        "Recall@10 / nDCG@10 on each user's last item; metrics.json, curves.png, checkpoint in --out.",
+        NextItemConfig,
+        inputs={"--data": dict(type=Path, required=True, help="sequence log: 'user_id item item ...' per line")},
+        out_help="run directory",
     )
-    p.add_argument("--data", type=Path, required=True, help="sequence log: 'user_id item item ...' per line")
-    p.add_argument("--out", type=Path, required=True, help="run directory")
-    p.add_argument("--config", type=Path, default=None, help="YAML file of config values (flags override it)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    add_dataclass_arguments(p, NextItemConfig)
-    return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.out)
-    config = build_config(NextItemConfig, args, args.config)
-    log.info("config: %s", json.dumps(config_to_dict(config)))
+    args, config = start_command(build_parser(), NextItemConfig, argv)
     return run(config, args.data, args.out, progress=not args.no_progress)
 
 

@@ -24,7 +24,7 @@ from typing import Literal
 import torch
 
 from pipelines.cli_config import config_to_dict
-from pipelines.training.engine import Engine, LoopConfig, write_report
+from pipelines.training.engine import Engine, LoopConfig, ModelTask, write_report
 from recsys.lsh_output import FullSoftmaxOutput, LSHConfig, LSHOutputLayer
 from recsys.sequence_encoders import EncoderWithOutput
 
@@ -122,7 +122,7 @@ def build_optimizers(model: EncoderWithOutput, config: OutputLayerConfig) -> lis
     ]
 
 
-class OutputLayerTask:
+class OutputLayerTask(ModelTask):
     """An encoder and its output layer as a :class:`pipelines.engine.TrainingTask`.
 
     ``batches(epoch)`` yields ``(encoder inputs, labels)``; ``validate()`` returns the validation
@@ -165,18 +165,6 @@ class OutputLayerTask:
     def validate(self, epochs_done: int) -> dict:
         self.model.eval()
         return {"epoch": epochs_done, **self._validate()}
-
-    def train_mode(self) -> None:
-        self.model.train()
-
-    def checkpoint_state(self) -> dict:
-        return {"model": self.model.state_dict()}
-
-    def restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-
-    def after_step(self, step: int) -> None:
-        pass
 
 
 def train_output_layer(

@@ -15,7 +15,6 @@ the config, the curves), ``curves.png`` and ``train.log``; prints a summary tabl
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import time
@@ -28,10 +27,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.cli_config import add_dataclass_arguments, build_config, config_to_dict
+from pipelines.cli_config import command_parser, config_to_dict, start_command
 from pipelines.data.sequence_synthetic import SequenceSignalConfig, SequenceSynthetic
-from pipelines.training.dlrm import setup_logging
-from pipelines.training.engine import Engine, LoopConfig, write_report
+from pipelines.training.engine import Engine, LoopConfig, ModelTask, write_report
 from pipelines.training.evaluate import binary_metrics
 from recsys.attention import build
 from recsys.sequence_dlrm import SequenceDLRM, SequenceDLRMConfig
@@ -179,7 +177,7 @@ def evaluate_split(model: SequenceDLRM, data: dict[str, torch.Tensor], batch_siz
     return binary_metrics(logits, data["label"].cpu())
 
 
-class SequenceTask:
+class SequenceTask(ModelTask):
     """The sequence-aware DLRM as a :class:`pipelines.engine.TrainingTask`: Adam, BCE, index batches."""
 
     def __init__(self, model: SequenceDLRM, config: SequenceTrainConfig, data: dict, device: torch.device) -> None:
@@ -215,18 +213,6 @@ class SequenceTask:
     def validate(self, epochs_done: int) -> dict[str, float]:
         metrics = evaluate_split(self.model, self.data["validation"], self.config.eval_batch_size)
         return {"auc": metrics["auc"], "logloss": metrics["logloss"]}
-
-    def train_mode(self) -> None:
-        self.model.train()
-
-    def checkpoint_state(self) -> dict:
-        return {"model": self.model.state_dict()}
-
-    def restore(self, state: dict) -> None:
-        self.model.load_state_dict(state["model"])
-
-    def after_step(self, step: int) -> None:
-        pass
 
 
 def train(config: SequenceTrainConfig, out_dir: Path | None = None, progress: bool = True) -> dict:
@@ -312,24 +298,17 @@ def report(metrics: dict, out_dir: Path, config: SequenceTrainConfig) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.train_sequence",
-        description="Generate Criteo-like samples with a planted user-history signal, train the sequence-aware "
-        "DLRM with the chosen history attention, and write metrics.json, curves.png and a summary to --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    return command_parser(
+        "python -m pipelines.train_sequence",
+        "Generate Criteo-like samples with a planted user-history signal, train the sequence-aware DLRM with the "
+        "chosen history attention, and write metrics.json, curves.png and a summary to --out.",
+        SequenceTrainConfig,
+        out_help="run directory (metrics.json, curves.png, train.log, checkpoints/)",
     )
-    p.add_argument("--out", type=Path, required=True, help="run directory (metrics.json, curves.png, train.log)")
-    p.add_argument("--config", type=Path, default=None, help="YAML file of config values (flags override it)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    add_dataclass_arguments(p, SequenceTrainConfig)
-    return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.out)
-    config = build_config(SequenceTrainConfig, args, args.config)
-    log.info("config: %s", json.dumps(config_to_dict(config)))
+    args, config = start_command(build_parser(), SequenceTrainConfig, argv)
     return train(config, args.out, progress=not args.no_progress)
 
 

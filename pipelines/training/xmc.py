@@ -15,16 +15,14 @@ LSH layer also the same metrics of the top-5 retrieved from its tables (``retrie
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from pipelines.cli_config import add_dataclass_arguments, build_config, config_to_dict
+from pipelines.cli_config import command_parser, start_command
 from pipelines.data.xmc_data import XMCData, read_xmc
-from pipelines.training.dlrm import setup_logging
 from pipelines.training.output_layer import (
     OutputLayerConfig,
     OutputLayerTask,
@@ -116,27 +114,22 @@ def run(config: XMCConfig, data_path: Path, test_path: Path | None, train_rows: 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m pipelines.train_xmc",
-        description="Train a sparse-feature encoder with an LSH (MONGOOSE/SLIDE) or full-softmax output layer on "
-        "XMC-format data; P@1/3/5 and nDCG@1/3/5 on the test split; metrics.json, curves.png, checkpoint in --out.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    return command_parser(
+        "python -m pipelines.train_xmc",
+        "Train a sparse-feature encoder with an LSH (MONGOOSE/SLIDE) or full-softmax output layer on XMC-format data; "
+        "P@1/3/5 and nDCG@1/3/5 on the test split; metrics.json, curves.png, checkpoint in --out.",
+        XMCConfig,
+        inputs={
+            "--data": dict(type=Path, required=True, help="XMC-format file (train, or train+test with --train-rows)"),
+            "--test": dict(type=Path, default=None, help="XMC-format test file"),
+            "--train-rows": dict(type=int, default=0, help="without --test: the first N points train, the rest test"),
+        },
+        out_help="run directory",
     )
-    p.add_argument("--data", type=Path, required=True, help="XMC-format file (train, or train+test with --train-rows)")
-    p.add_argument("--test", type=Path, default=None, help="XMC-format test file")
-    p.add_argument("--train-rows", type=int, default=0, help="without --test: the first N points train, the rest test")
-    p.add_argument("--out", type=Path, required=True, help="run directory")
-    p.add_argument("--config", type=Path, default=None, help="YAML file of config values (flags override it)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
-    add_dataclass_arguments(p, XMCConfig)
-    return p
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = build_parser().parse_args(argv)
-    setup_logging(args.out)
-    config = build_config(XMCConfig, args, args.config)
-    log.info("config: %s", json.dumps(config_to_dict(config)))
+    args, config = start_command(build_parser(), XMCConfig, argv)
     return run(config, args.data, args.test, args.train_rows, args.out, progress=not args.no_progress)
 
 
