@@ -1,0 +1,81 @@
+"""The export format's tensor coding and helpers against by-hand references (seeded random tensors)."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import pytest
+import torch
+
+from recsys.serving.format import (
+    CORE_DTYPES,
+    SCALE_SUFFIX,
+    ExportFormatError,
+    compressed_table_bytes,
+    dequantize,
+    finite_or_none,
+    quantize,
+    sha256_bytes,
+)
+
+
+def _core(seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (
+        torch.randn(7, 3, 10, generator=g, dtype=torch.float64) * torch.linspace(0.01, 3.0, 7)[:, None, None].double()
+    )
+
+
+def test_fp32_and_fp16_store_the_tensor_cast_and_nothing_else():
+    core = _core(1)
+    fp32 = quantize(core, "fp32")
+    assert set(fp32) == {""} and fp32[""].dtype == torch.float32
+    assert torch.equal(fp32[""], core.float())
+    fp16 = quantize(core, "fp16")
+    assert set(fp16) == {""} and fp16[""].dtype == torch.float16
+    assert torch.equal(fp16[""], core.half())
+    assert torch.equal(dequantize(fp16[""], None), core.half().float())
+    assert dequantize(fp32[""], None).dtype == torch.float32
+
+
+def test_int8_is_symmetric_with_one_scale_per_core_row_by_hand():
+    core = _core(2)
+    stored = quantize(core, "int8")
+    assert set(stored) == {"", SCALE_SUFFIX}
+    rows = core.float().reshape(7, -1)
+    scale = rows.abs().amax(dim=1) / 127.0  # by hand: the largest |value| of a row maps to +-127
+    torch.testing.assert_close(stored[SCALE_SUFFIX], scale, rtol=0, atol=0)
+    assert stored[""].dtype == torch.int8 and stored[""].shape == core.shape
+    expected = torch.round(rows / scale[:, None]).reshape(core.shape)
+    assert torch.equal(stored[""].to(torch.float32), expected)
+    assert int(stored[""].abs().amax()) == 127  # every row reaches the end of the range
+    restored = dequantize(stored[""], stored[SCALE_SUFFIX])
+    error = (restored - core.float()).abs().reshape(7, -1).amax(dim=1)
+    assert bool((error <= scale / 2 + 1e-7).all())  # rounding: at most half a step
+
+
+def test_int8_of_an_all_zero_row_stays_zero_and_unknown_dtypes_are_refused():
+    core = _core(3)
+    core[4] = 0.0
+    stored = quantize(core, "int8")
+    assert torch.equal(dequantize(stored[""], stored[SCALE_SUFFIX])[4], torch.zeros(3, 10))
+    with pytest.raises(ValueError, match="core dtype must be one of"):
+        quantize(core, "bf16")
+    with pytest.raises(ExportFormatError, match="without its scales"):
+        dequantize(stored[""], None)
+    assert CORE_DTYPES == ("fp32", "fp16", "int8")
+
+
+def test_compressed_table_bytes_by_hand():
+    report = {"bytes": 4 * 1000, "p_shapes": [10, 20, 5]}
+    assert compressed_table_bytes(report, "fp32") == 4000
+    assert compressed_table_bytes(report, "fp16") == 2000
+    assert compressed_table_bytes(report, "int8") == 1000 + 4 * (10 + 20 + 5)
+
+
+def test_sha256_and_json_safe_metrics():
+    data = bytes(range(256)) * 3
+    assert sha256_bytes(data) == hashlib.sha256(data).hexdigest()
+    assert finite_or_none(math.nan) is None and finite_or_none(math.inf) is None
+    assert finite_or_none(0.75) == 0.75 and finite_or_none(3) == 3 and finite_or_none("x") == "x"
