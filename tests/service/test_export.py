@@ -512,3 +512,19 @@ def test_retrieval_export_refuses_bad_arguments(dense_run, next_item_run, tmp_pa
     with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
         export_checkpoint(dense_run, tmp_path / "a", retrieval=tmp_path, item_column="C3")
     assert not (tmp_path / "a").exists()
+
+
+def test_retrieval_maps_every_catalogue_item_to_its_class(dense_retrieval_export):
+    """``classes_of`` inverts the catalogue (class c is item ``item_ids[c]``), its largest id included."""
+    retrieval = load_exported(dense_retrieval_export).retrieval
+    ids = retrieval.item_ids
+    assert len(ids) == NUM_ITEMS and len(np.unique(ids)) == NUM_ITEMS
+    order = np.random.default_rng(3).permutation(NUM_ITEMS)
+    np.testing.assert_array_equal(retrieval.classes_of(ids[order].tolist()), order)
+    assert retrieval.classes_of([int(ids.max())]).tolist() == [int(np.argmax(ids))]
+    assert retrieval.classes_of([int(ids.min())]).tolist() == [int(np.argmin(ids))]
+    outside = int(ids.max()) + 1
+    with pytest.raises(ValueError, match=rf"history\[1\]: item {outside} is not in the catalogue of {NUM_ITEMS}"):
+        retrieval.classes_of([int(ids[0]), outside])
+    with pytest.raises(ValueError, match=r"candidates\[0\]: item -3 "):
+        retrieval.classes_of([-3], "candidates")
