@@ -251,9 +251,7 @@ class ExportedModel:
 
     def summary(self) -> dict[str, Any]:
         """What ``GET /v1/model`` shows: everything in the manifest but the per-file digests."""
-        return {k: v for k, v in self.manifest.items() if k != "files"} | {
-            "files": {name: {"bytes": f["bytes"]} for name, f in self.manifest["files"].items()}
-        }
+        return {**self.manifest, "files": {name: {"bytes": f["bytes"]} for name, f in self.manifest["files"].items()}}
 
 
 def load_exported(path: str | Path) -> ExportedModel:

@@ -528,3 +528,25 @@ def test_retrieval_maps_every_catalogue_item_to_its_class(dense_retrieval_export
         retrieval.classes_of([int(ids[0]), outside])
     with pytest.raises(ValueError, match=r"candidates\[0\]: item -3 "):
         retrieval.classes_of([-3], "candidates")
+
+
+def test_offline_recommend_defaults_to_100_candidates_and_breaks_ties_by_retrieval_order(
+    dense_retrieval_export, monkeypatch
+):
+    """Items with equal click probability (here: item values outside the frequency vocabulary, which all map
+    to the out-of-vocabulary row) keep the retrieval order, as documented; ``candidates`` defaults to 100."""
+    exported = load_exported(dense_retrieval_export)
+    retrieval = exported.retrieval
+    asked = []
+    real_retrieve = retrieval.retrieve
+    monkeypatch.setattr(retrieval, "retrieve", lambda history, n: (asked.append(n), real_retrieve(history, n))[1])
+    history = retrieval.item_ids[:5].tolist()
+    dense, sparse = [1] * 13, ["68fd1e64"] * 26
+    ranked = exported.recommend(history, dense, sparse, k=NUM_ITEMS)
+    assert asked == [100]
+    items, probabilities, retrieval_scores = (np.array(column) for column in zip(*ranked, strict=True))
+    assert 16 < len(ranked) <= 100 and len(ranked) == len(set(items.tolist()))  # what the LSH buckets held
+    assert np.all(np.diff(probabilities) <= 0)  # best first
+    tied = np.diff(probabilities) == 0
+    assert tied.sum() >= 16  # enough ties that an unstable sort would reorder some
+    assert np.all(np.diff(retrieval_scores)[tied] <= 0)  # within a tie: retrieval order (decreasing inner product)
