@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -550,3 +551,26 @@ def test_offline_recommend_defaults_to_100_candidates_and_breaks_ties_by_retriev
     tied = np.diff(probabilities) == 0
     assert tied.sum() >= 16  # enough ties that an unstable sort would reorder some
     assert np.all(np.diff(retrieval_scores)[tied] <= 0)  # within a tie: retrieval order (decreasing inner product)
+
+
+def test_retrieval_refuses_missing_or_misshapen_tensors_naming_them(dense_retrieval_export):
+    """Each tensor the retrieval model needs, removed or reshaped, is refused with its full name."""
+    from recsys.serving import Retrieval
+
+    manifest = read_manifest(dense_retrieval_export)
+    tensors = read_tensors(dense_retrieval_export, manifest, RETRIEVAL_FILE)
+    section, columns = manifest["retrieval"], list(SPARSE_COLUMNS)
+    whole = Retrieval(section, tensors, columns)
+    assert not whole.encoder.training and not whole.layer.training
+    for name in ("encoder.mlp.0.weight", "output.members", "output.weight"):
+        with pytest.raises(ExportFormatError, match=rf"no tensor '{re.escape(name)}'"):
+            Retrieval(section, {k: v for k, v in tensors.items() if k != name}, columns)
+        wrong = {**tensors, name: tensors[name][:1]}
+        with pytest.raises(ExportFormatError, match=rf"'{re.escape(name)}' is torch\.\w+ \[1"):
+            Retrieval(section, wrong, columns)
+    with pytest.raises(ExportFormatError, match="catalogue.item_ids missing or not"):
+        Retrieval(section, {k: v for k, v in tensors.items() if k != "catalogue.item_ids"}, columns)
+    with pytest.raises(ExportFormatError, match="catalogue.item_ids missing or not"):
+        Retrieval(section, {**tensors, "catalogue.item_ids": tensors["catalogue.item_ids"][:-1]}, columns)
+    with pytest.raises(ExportFormatError, match="re-rank column 'C3' is not a categorical column"):
+        Retrieval(section, tensors, [c for c in columns if c != "C3"])
