@@ -568,9 +568,9 @@ def test_retrieval_refuses_missing_or_misshapen_tensors_naming_them(dense_retrie
         wrong = {**tensors, name: tensors[name][:1]}
         with pytest.raises(ExportFormatError, match=rf"'{re.escape(name)}' is torch\.\w+ \[1"):
             Retrieval(section, wrong, columns)
-    with pytest.raises(ExportFormatError, match="catalogue.item_ids missing or not"):
+    with pytest.raises(ExportFormatError, match=r"catalogue\.item_ids missing or not"):
         Retrieval(section, {k: v for k, v in tensors.items() if k != "catalogue.item_ids"}, columns)
-    with pytest.raises(ExportFormatError, match="catalogue.item_ids missing or not"):
+    with pytest.raises(ExportFormatError, match=r"catalogue\.item_ids missing or not"):
         Retrieval(section, {**tensors, "catalogue.item_ids": tensors["catalogue.item_ids"][:-1]}, columns)
     with pytest.raises(ExportFormatError, match="re-rank column 'C3' is not a categorical column"):
         Retrieval(section, tensors, [c for c in columns if c != "C3"])
