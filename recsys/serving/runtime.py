@@ -170,6 +170,8 @@ def _load_exactly(
 ) -> None:
     """Load ``state`` into ``module`` after checking every tensor is there with the module's shape and dtype."""
     expected = module.state_dict()
+    if strict and (extra := sorted(set(state) - set(expected))):
+        raise ExportFormatError(f"{RETRIEVAL_FILE}: {prefix + extra[0]!r} is not a tensor of the retrieval model")
     names = expected.keys() if strict else state.keys()
     for name in names:
         value = state.get(name)

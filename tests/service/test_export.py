@@ -568,6 +568,8 @@ def test_retrieval_refuses_missing_or_misshapen_tensors_naming_them(dense_retrie
         wrong = {**tensors, name: tensors[name][:1]}
         with pytest.raises(ExportFormatError, match=rf"'{re.escape(name)}' is torch\.\w+ \[1"):
             Retrieval(section, wrong, columns)
+    with pytest.raises(ExportFormatError, match=r"'encoder\.extra' is not a tensor of the retrieval model"):
+        Retrieval(section, {**tensors, "encoder.extra": torch.zeros(2)}, columns)
     with pytest.raises(ExportFormatError, match=r"catalogue\.item_ids missing or not"):
         Retrieval(section, {k: v for k, v in tensors.items() if k != "catalogue.item_ids"}, columns)
     with pytest.raises(ExportFormatError, match=r"catalogue\.item_ids missing or not"):
