@@ -59,3 +59,60 @@ def test_a_bad_candidate_value_is_refused_naming_its_candidate_and_column():
         encoder.encode_variants(dense_row, sparse_row, [{}, {}], [{2: "ff"}, {5: "xyz"}])
     with pytest.raises(ValueError, match="2 dense overrides, 1 sparse ones"):
         encoder.encode_variants(dense_row, sparse_row, [{}, {}], [{}])
+
+
+def _raw_values(rng: np.random.Generator, n: int, keys: np.ndarray) -> list[str | None]:
+    """Hex strings: vocabulary keys (the largest included), other values above and below, and missing ones."""
+    picks = []
+    for _ in range(n):
+        u = rng.random()
+        if u < 0.15:
+            picks.append(None)
+        elif u < 0.6 and keys.size:
+            picks.append(f"{int(rng.choice(keys)):x}")
+        else:
+            picks.append(f"{int(rng.integers(0, 2**32)):x}")
+    picks[:2] = [f"{int(keys.max()):x}" if keys.size else "0", "ffffffff"]
+    return picks
+
+
+@pytest.mark.parametrize("kind", ["hash", "freq"])
+def test_column_mapping_equals_each_columns_own_mapping(kind):
+    """The all-columns-at-once mapping == the preprocessor's per-column HashMapping / VocabMapping."""
+    encoder = _encoder(kind)
+    rng = np.random.default_rng(12)
+    columns = rng.integers(0, 26, 3000)
+    keys = np.concatenate([m.keys for m in encoder.mappings]) if kind == "freq" else np.arange(4096, dtype=np.uint32)
+    values, missing, bad = encoder.decode_sparse(_raw_values(rng, 3000, keys))
+    assert bad is None
+    ids = encoder.map_columns(values, missing, columns)
+    assert ids.dtype == np.int64
+    for j, mapping in enumerate(encoder.mappings):
+        at = columns == j
+        np.testing.assert_array_equal(ids[at], mapping(values[at], missing[at]))
+    assert {0, 1}.issubset(set(ids.tolist())) if kind == "freq" else 0 in ids  # missing and out-of-vocabulary seen
+
+
+def test_empty_and_one_key_vocabularies():
+    base = {"dense_features": list(DENSE_COLUMNS), "sparse_features": list(SPARSE_COLUMNS), "vocab": "freq"}
+    empty = FeatureEncoder(base, {c: np.empty(0, np.uint32) for c in SPARSE_COLUMNS})
+    values = np.array([5, 7, 0], dtype=np.uint32)
+    np.testing.assert_array_equal(
+        empty.map_columns(values, np.array([False, True, False]), np.array([0, 3, 25])), [1, 0, 1]
+    )
+    assert empty.map_columns(values, np.zeros(3, bool), np.zeros(3, np.int64)).dtype == np.int64
+    one = FeatureEncoder(base, {c: np.array([7], np.uint32) for c in SPARSE_COLUMNS})
+    np.testing.assert_array_equal(one.map_columns(values, np.zeros(3, bool), np.array([4, 4, 9])), [1, 2, 1])
+
+
+def test_small_inputs_decode_as_the_arrow_path_does():
+    """Below SMALL_INPUT values are decoded with int(v, 16); the result equals decode_hex's (dtype included)."""
+    encoder = _encoder("hash")
+    raw = [*_raw_values(np.random.default_rng(13), 300, np.arange(50, dtype=np.uint32)), "AbC", "0", None]
+    small = encoder.decode_sparse(raw)
+    large = encoder.decode_sparse(raw * (encoder.SMALL_INPUT // len(raw) + 1))
+    assert small[0].dtype == large[0].dtype == np.uint32 and small[1].dtype == large[1].dtype == bool
+    np.testing.assert_array_equal(small[0], large[0][: len(raw)])
+    np.testing.assert_array_equal(small[1], large[1][: len(raw)])
+    assert small[2] is None and small[0][-2] == 0 and small[1][-1] and not small[1][-2] and small[0][-3] == 0xABC
+    assert encoder.decode_sparse(["a", "zz", None])[2] == 1
