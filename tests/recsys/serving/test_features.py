@@ -116,3 +116,15 @@ def test_small_inputs_decode_as_the_arrow_path_does():
     np.testing.assert_array_equal(small[1], large[1][: len(raw)])
     assert small[2] is None and small[0][-2] == 0 and small[1][-1] and not small[1][-2] and small[0][-3] == 0xABC
     assert encoder.decode_sparse(["a", "zz", None])[2] == 1
+
+
+def test_dense_values_must_be_integers_of_at_most_18_digits():
+    encoder = _encoder("hash")
+    sparse = [["a"] * 26] * 2
+    limit = 10**18 - 1
+    dense, _ = encoder.encode([[limit] + [0] * 12, [-limit, None] + [3] * 11], sparse)
+    np.testing.assert_allclose(dense[:, 0], [np.log1p(limit), 0.0], rtol=1e-6)  # negative -> 0, as preprocessing
+    assert dense[1, 1] == 0.0 and dense[1, 2] == np.float32(np.log1p(3))
+    for bad in (limit + 1, -limit - 1, True, 2.0, "7"):
+        with pytest.raises(ValueError, match=r"^rows\[1\]\.dense\[4\]: .* is not an integer of at most 18 digits"):
+            encoder.encode([[1] * 13, [1, 1, 1, 1, bad] + [1] * 8], sparse)
