@@ -12,6 +12,7 @@ Usage (from the repository root; the modules and the tests are set in ``[tool.mu
 
     .venv/bin/python scripts/mutation.py run                   # every core module (about an hour here)
     .venv/bin/python scripts/mutation.py run kernels.tt_cache  # one module (mutmut name globs work too)
+    .venv/bin/python scripts/mutation.py run --survivors       # after adding tests: re-check the last survivors
     .venv/bin/python scripts/mutation.py report                # the table from the last run, and the survivors
     .venv/bin/python scripts/mutation.py report --markdown     # the same as the table in docs/testing.md
 
@@ -186,11 +187,22 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run mutmut, then print the report")
     p_run.add_argument("targets", nargs="*", help="modules (kernels.tt_cache) or mutmut name globs; default all")
     p_run.add_argument("--keep", action="store_true", help="keep mutants/ and its results from the last run")
+    p_run.add_argument(
+        "--survivors",
+        action="store_true",
+        help="re-check only the unexplained survivors of the last run (and the functions changed since), keeping "
+        "every other result: what to run after adding the tests that should kill them",
+    )
     p_report = sub.add_parser("report", help="print the per-module score of the last run and its survivors")
     p_report.add_argument("--markdown", action="store_true", help="the table as markdown (docs/testing.md)")
     args = parser.parse_args(argv)
     if args.command == "run":
-        code = run(args.targets, args.keep)
+        targets = args.targets
+        if args.survivors:
+            _, unexplained = summarise(load_mutants(), load_equivalents())
+            targets = [m.name for m in unexplained] + targets
+            print(f"re-checking {len(unexplained)} unexplained survivors")
+        code = run(targets, args.keep or args.survivors)
         if code != 0:
             return code
     rows, unexplained = summarise(load_mutants(), load_equivalents())
