@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument(
         "--survivors",
         action="store_true",
-        help="re-check only the unexplained survivors of the last run (and the functions changed since), keeping "
+        help="re-check only the unexplained survivors of the last run (name any changed functions as targets), keeping "
         "every other result: what to run after adding the tests that should kill them",
     )
     p_report = sub.add_parser("report", help="print the per-module score of the last run and its survivors")
