@@ -576,3 +576,27 @@ def test_retrieval_refuses_missing_or_misshapen_tensors_naming_them(dense_retrie
         Retrieval(section, {**tensors, "catalogue.item_ids": tensors["catalogue.item_ids"][:-1]}, columns)
     with pytest.raises(ExportFormatError, match="re-rank column 'C3' is not a categorical column"):
         Retrieval(section, tensors, [c for c in columns if c != "C3"])
+
+
+def test_recommend_keeps_retrieval_order_within_equal_probabilities(dense_retrieval_export, monkeypatch):
+    """Two probability levels over the candidates: each level lists its items in retrieval order (a stable sort)."""
+    exported = load_exported(dense_retrieval_export)
+    history = exported.retrieval.item_ids[:5].tolist()
+    items, _ = exported.retrieval.retrieve(history, 100)
+    assert len(items) > 32
+    level = np.where(np.random.default_rng(8).random(len(items)) < 0.5, 0.6, 0.3)
+    monkeypatch.setattr(exported, "predict", lambda dense, ids: level[: len(dense)].copy())
+    ranked = exported.recommend(history, [1] * 13, ["68fd1e64"] * 26, k=len(items))
+    expected = [int(i) for i in items[level == 0.6]] + [int(i) for i in items[level == 0.3]]
+    assert [item for item, _, _ in ranked] == expected
+
+
+def test_long_sparse_inputs_with_a_non_string_value_name_it():
+    """Above SMALL_INPUT the Arrow path decodes; a value that is not a string (or None) is reported by index."""
+    features = {"dense_features": list(DENSE_COLUMNS), "sparse_features": list(SPARSE_COLUMNS), "vocab": "hash"}
+    encoder = FeatureEncoder(features | {"max_index": [100] * 26}, {})
+    raw = ["a1"] * (encoder.SMALL_INPUT + 100)
+    raw[2100] = 5
+    assert encoder.decode_sparse(raw)[2] == 2100
+    raw[2100], raw[2050] = "7", "xyz"
+    assert encoder.decode_sparse(raw)[2] == 2050
