@@ -600,3 +600,5 @@ def test_long_sparse_inputs_with_a_non_string_value_name_it():
     assert encoder.decode_sparse(raw)[2] == 2100
     raw[2100], raw[2050] = "7", "xyz"
     assert encoder.decode_sparse(raw)[2] == 2050
+    values, missing, bad = encoder.decode_sparse([None] * (encoder.SMALL_INPUT + 100))  # rows of missing values
+    assert bad is None and missing.all() and values.dtype == np.uint32 and not values.any()
