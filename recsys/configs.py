@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
-from recsys.tt_embedding import OptimType
+import torch
+
+from recsys.tt_embedding import OptimType, TableBatchedTTEmbeddingBag
 
 FBGEMM_EPS = 1.0e-8
 """``eps`` of the trainer's row-wise Adagrad: FBGEMM's / torchrec's default, which the dense tables train with
@@ -105,3 +107,29 @@ class TTConfig:
         if table.name in self.dense_tables:
             return False
         return table.num_embeddings > self.threshold
+
+    def build_group(
+        self, table_rows: list[int], embedding_dim: int, mode: str = "sum", device: torch.device | None = None
+    ) -> TableBatchedTTEmbeddingBag:
+        """The TT tables of ``table_rows`` as one ``TableBatchedTTEmbeddingBag`` (one contraction, one shared cache).
+
+        The one place a ``TTConfig`` becomes modules: the training collection and the serving DLRM both call it,
+        so their tables (and state-dict keys and shapes) cannot drift apart.
+        """
+        return TableBatchedTTEmbeddingBag(
+            len(table_rows),
+            list(table_rows),
+            embedding_dim,
+            tt_ranks=self.ranks if isinstance(self.ranks, int) else list(self.ranks),
+            optimizer=TT_OPTIMIZERS[self.optimizer],
+            learning_rate=self.learning_rate,
+            eps=self.eps,
+            num_cores=self.num_cores,
+            use_cache=self.cache_size > 0,
+            cache_size=self.cache_size * len(table_rows),
+            weight_dist=self.weight_dist,
+            enforce_embedding_dim=True,
+            mode=mode,
+            include_last_offset=True,
+            device=device,
+        )

@@ -66,23 +66,7 @@ class TTEmbeddingBagCollection(nn.Module):
         self._tt_location: dict[str, tuple[str, int]] = {}  # table -> (group, index in the group)
         for g, ((dim, mode), members) in enumerate(groups.items()):
             name = f"group_{g}"
-            self.tt_groups[name] = TableBatchedTTEmbeddingBag(
-                len(members),
-                [t.num_embeddings for t in members],
-                dim,
-                tt_ranks=cfg.ranks if isinstance(cfg.ranks, int) else list(cfg.ranks),
-                optimizer=TT_OPTIMIZERS[cfg.optimizer],
-                learning_rate=cfg.learning_rate,
-                eps=cfg.eps,
-                num_cores=cfg.num_cores,
-                use_cache=cfg.cache_size > 0,
-                cache_size=cfg.cache_size * len(members),
-                weight_dist=cfg.weight_dist,
-                enforce_embedding_dim=True,
-                mode=mode,
-                include_last_offset=True,
-                device=device,
-            )
+            self.tt_groups[name] = cfg.build_group([t.num_embeddings for t in members], dim, mode, device)
             for i, table in enumerate(members):
                 self._tt_location[table.name] = (name, i)
         dense = [t for t in self._configs if t.name not in self._tt_location]

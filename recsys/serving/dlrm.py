@@ -21,8 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recsys.configs import TT_OPTIMIZERS, DLRMConfig, TTConfig
-from recsys.tt_embedding import TableBatchedTTEmbeddingBag
+from recsys.configs import DLRMConfig, TTConfig
 
 TT_GROUP = "group_0"  # TTEmbeddingBagCollection's name for the one group of equal-width, sum-pooled tables
 
@@ -149,22 +148,7 @@ class TTTables(nn.Module):
         tt = [t for t in self.tables if config.is_tt(_Table(t, sizes[t]))]
         self.tt_groups = nn.ModuleDict()
         if tt:
-            self.tt_groups[TT_GROUP] = TableBatchedTTEmbeddingBag(
-                len(tt),
-                [sizes[t] for t in tt],
-                embedding_dim,
-                tt_ranks=config.ranks if isinstance(config.ranks, int) else list(config.ranks),
-                optimizer=TT_OPTIMIZERS[config.optimizer],
-                learning_rate=config.learning_rate,
-                eps=config.eps,
-                num_cores=config.num_cores,
-                use_cache=config.cache_size > 0,
-                cache_size=config.cache_size * len(tt),
-                weight_dist=config.weight_dist,
-                enforce_embedding_dim=True,
-                mode="sum",
-                include_last_offset=True,
-            )
+            self.tt_groups[TT_GROUP] = config.build_group([sizes[t] for t in tt], embedding_dim)
         self.tt_index = {t: i for i, t in enumerate(tt)}
         rest = {t.removeprefix("t_"): sizes[t] for t in self.tables if t not in self.tt_index}
         self.dense = DenseTables(rest, embedding_dim) if rest else None
