@@ -89,7 +89,9 @@ def test_column_mapping_equals_each_columns_own_mapping(kind):
     assert ids.dtype == np.int64
     for j, mapping in enumerate(encoder.mappings):
         at = columns == j
-        np.testing.assert_array_equal(ids[at], mapping(values[at], missing[at]))
+        expected = mapping(values[at], missing[at])
+        assert expected.dtype == np.int64
+        np.testing.assert_array_equal(ids[at], expected)
     assert {0, 1}.issubset(set(ids.tolist())) if kind == "freq" else 0 in ids  # missing and out-of-vocabulary seen
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
 
 from recsys.configs import DLRMConfig, TTConfig
 from recsys.serving import ExportFormatError, build_model, serving_state_keys, tt_core_names
@@ -68,3 +69,15 @@ def test_serving_keys_leave_out_only_the_frequency_counts():
     assert set(serving_state_keys(model)) == {k for k in keys if not k.endswith(".cache_counts")}
     assert any(k.endswith(".cache_counts") for k in keys)
     assert tt_core_names(model) == [k for k in keys if ".tt_cores." in k] and len(tt_core_names(model)) == 3
+
+
+@pytest.mark.parametrize("threshold", [100, 10_000], ids=["all-tt", "all-dense"])
+def test_tt_models_with_only_tt_or_only_dense_tables_score(threshold):
+    """A TT model whose tables are all TT (no dense rest) or all dense (no TT group) reports and scores."""
+    vocab = {"C1": 900, "C2": 950}
+    model = InferenceDLRM(DLRMConfig(embedding_dim=4, dense_arch=(8, 4), over_arch=(8, 1)), vocab, 13,
+                          TTConfig(ranks=2, threshold=threshold))  # fmt: skip
+    kinds = {name: entry["kind"] for name, entry in model.table_report().items()}
+    assert kinds == dict.fromkeys(("t_C1", "t_C2"), "tt" if threshold == 100 else "dense")
+    ids = torch.tensor([[3, 5], [899, 949]])
+    assert model(torch.randn(2, 13), ids).shape == (2, 1)
