@@ -152,10 +152,9 @@ class TTTables(nn.Module):
         self.tt_index = {t: i for i, t in enumerate(tt)}
         rest = {t.removeprefix("t_"): sizes[t] for t in self.tables if t not in self.tt_index}
         self.dense = DenseTables(rest, embedding_dim) if rest else None
-        starts = torch.tensor([sizes[t] for t in tt], dtype=torch.int64).cumsum(0) - torch.tensor(
-            [sizes[t] for t in tt], dtype=torch.int64
-        )
-        self.register_buffer("_tt_starts", starts, persistent=False)
+        tt_rows = torch.tensor([sizes[t] for t in tt], dtype=torch.int64)
+        self.register_buffer("_tt_starts", tt_rows.cumsum(0) - tt_rows, persistent=False)  # global row of row 0
+        self._tt_columns = [self.tables.index(t) for t in tt]  # the ids' columns that are TT tables, group order
         self.register_buffer("_rows", torch.tensor([sizes[t] for t in self.tables], dtype=torch.int64), False)
 
     def table_report(self) -> dict[str, dict]:
@@ -181,15 +180,15 @@ class TTTables(nn.Module):
     def pooled(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """``(B, F)`` ids -> ``F`` tensors ``(B, D)`` in table order; the TT ones in one lookup."""
         batch = ids.shape[0]
-        if ids.numel() and bool(((ids < 0) | (ids >= self._rows)).any()):  # the TT kernels do not bound-check
-            row, column = (((ids < 0) | (ids >= self._rows)).nonzero()[0]).tolist()
+        outside = (ids < 0) | (ids >= self._rows)
+        if bool(outside.any()):  # the TT kernels do not bound-check
+            row, column = outside.nonzero()[0].tolist()
             raise IndexError(
                 f"{self.tables[column]}: id {int(ids[row, column])} outside its {int(self._rows[column])} rows"
             )
         out: dict[str, torch.Tensor] = {}
         if self.tt_index:
-            columns = [self.tables.index(t) for t in self.tt_index]
-            values = (ids[:, columns] + self._tt_starts).t().reshape(-1)  # table-major, as a KJT is key-major
+            values = (ids[:, self._tt_columns] + self._tt_starts).t().reshape(-1)  # table-major, as a KJT is key-major
             offsets = torch.arange(values.numel() + 1, device=ids.device)
             pooled = self.tt_groups[TT_GROUP].lookup_global(values, offsets, None)
             out = {t: pooled[i * batch : (i + 1) * batch] for t, i in self.tt_index.items()}
