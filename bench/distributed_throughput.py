@@ -79,7 +79,8 @@ def _ddp_counting_hook(counter: collections.Counter):
 
 
 def worker(args: argparse.Namespace) -> None:
-    from pipelines.training.dlrm import TrainConfig, Trainer, setup_logging
+    from pipelines.training.dlrm import TrainConfig, Trainer
+    from recsys.logs import setup_logging
 
     setup_logging()
     counter: collections.Counter = collections.Counter()

@@ -26,7 +26,8 @@ import torch
 from pipelines.data.generate import generate_tsv
 from pipelines.data.preprocess import PreprocessConfig, Preprocessor
 from pipelines.report import format_table, human_bytes
-from pipelines.training.dlrm import TrainConfig, Trainer, setup_logging
+from pipelines.training.dlrm import TrainConfig, Trainer
+from recsys.logs import setup_logging
 from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES
 
 

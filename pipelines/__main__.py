@@ -15,6 +15,7 @@ from pathlib import Path
 
 from pipelines.data import generate, preprocess
 from pipelines.training import dlrm as train
+from recsys.logs import setup_logging
 
 log = logging.getLogger("pipelines.main")
 
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> dict:
         cut = argv.index("--")
         argv, extra = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
-    train.setup_logging(args.out)
+    setup_logging("INFO", args.out / "train.log")
     inputs = args.input
     if inputs is None:
         raw = args.out / "raw" / "synthetic.tsv"

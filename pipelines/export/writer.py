@@ -457,7 +457,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    from pipelines.training.dlrm import setup_logging
+    from recsys.logs import setup_logging
 
     setup_logging()
     return export_checkpoint(

@@ -36,7 +36,6 @@ from pipelines.training.distributed import (
 from pipelines.training.engine import Engine, LoopConfig, write_report
 from pipelines.training.evaluate import evaluate
 from recsys.dlrm import DLRMConfig, build_dense_collection, build_dlrm, table_bytes, table_configs
-from recsys.logs import setup_logging as configure_logging
 from recsys.tt_collection import TTConfig, TTEmbeddingBagCollection, tt_parameter_names
 
 log = logging.getLogger("pipelines.train")
@@ -401,11 +400,6 @@ def build_parser() -> argparse.ArgumentParser:
         out_help="run directory (checkpoints, metrics.json, curves.png)",
         resume=True,
     )
-
-
-def setup_logging(out_dir: Path | None = None) -> None:
-    """Readable logs at INFO, also into ``OUT/train.log`` when a run directory is given."""
-    configure_logging("INFO", out_dir / "train.log" if out_dir is not None else None)
 
 
 def main(argv: list[str] | None = None) -> dict:
