@@ -49,7 +49,7 @@ def enabled() -> bool:
 
 def library_path(level: str) -> Path | None:
     """The built library of one level (``kernels/_tt_kernels_<level>*.so``), if installed."""
-    found = sorted(LIBRARY_DIR.glob(f"_tt_kernels_{level}.*so")) + sorted(LIBRARY_DIR.glob(f"_tt_kernels_{level}.pyd"))
+    found = sorted(LIBRARY_DIR.glob(f"_tt_kernels_{level}.*so"))  # setup.py builds them on Linux
     return found[0] if found else None
 
 
