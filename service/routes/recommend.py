@@ -1,4 +1,8 @@
-"""``POST /v1/recommend``: items retrieved by the export's LSH output layer, re-ranked by the DLRM."""
+"""``POST /v1/recommend``: items retrieved by the export's LSH output layer, re-ranked by the DLRM.
+
+The handler delegates to ``recommend_items``, a plain function the mutation tests can reach (mutmut mutates
+undecorated functions only).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import numpy as np
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from service.deps import ScorerDep, json_response
+from service.deps import Scorer, ScorerDep, json_response
 from service.errors import ServiceError
 from service.schemas import ErrorResponse, RecommendedItem, RecommendRequest, RecommendResponse
 
@@ -25,6 +29,11 @@ async def recommend(body: RecommendRequest, scorer: ScorerDep) -> Response:
     items of its buckets with the best inner product; each is put into the context row's re-rank
     column (the manifest's ``retrieval.rerank``) and scored like a ``/v1/rank`` candidate.
     """
+    return await recommend_items(body, scorer)
+
+
+async def recommend_items(body: RecommendRequest, scorer: Scorer) -> Response:
+    """The work of ``POST /v1/recommend``."""
     model = scorer.model
     retrieval = model.retrieval
     if retrieval is None:

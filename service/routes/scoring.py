@@ -1,4 +1,9 @@
-"""``POST /v1/score`` and ``POST /v1/rank``: click probabilities of raw Criteo rows."""
+"""``POST /v1/score`` and ``POST /v1/rank``: click probabilities of raw Criteo rows.
+
+Each handler only delegates to a plain function of the same job (``score_rows``, ``rank_candidates``): the
+mutation tests (``scripts/mutation.py``, mutmut) mutate undecorated functions only, and the work is what
+they must reach.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from fastapi import APIRouter
 from fastapi.responses import Response
 
 from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
-from service.deps import ScorerDep, json_response
+from service.deps import Scorer, ScorerDep, json_response
 from service.errors import ServiceError
 from service.schemas import RankedItem, RankRequest, RankResponse, ScoreRequest, ScoreResponse
 
@@ -20,6 +25,11 @@ _SPARSE_INDEX = {name: i for i, name in enumerate(SPARSE_COLUMNS)}
 @router.post("/v1/score", response_model=ScoreResponse)
 async def score(body: ScoreRequest, scorer: ScorerDep) -> Response:
     """Click probability of each raw Criteo row, preprocessed exactly as in training."""
+    return await score_rows(body, scorer)
+
+
+async def score_rows(body: ScoreRequest, scorer: Scorer) -> Response:
+    """The work of ``POST /v1/score``."""
     scores = await scorer.raw_rows([r.dense for r in body.rows], [r.sparse for r in body.rows])
     return json_response(ScoreResponse.model_construct(scores=scores.tolist(), model=scorer.model.version))
 
@@ -27,6 +37,11 @@ async def score(body: ScoreRequest, scorer: ScorerDep) -> Response:
 @router.post("/v1/rank", response_model=RankResponse)
 async def rank(body: RankRequest, scorer: ScorerDep) -> Response:
     """Candidates sorted by click probability: each candidate is the context row with its own columns."""
+    return await rank_candidates(body, scorer)
+
+
+async def rank_candidates(body: RankRequest, scorer: Scorer) -> Response:
+    """The work of ``POST /v1/rank``: encode the candidates as variants of the context row, score, sort."""
     dense = [{_DENSE_INDEX[k]: v for k, v in c.dense.items()} for c in body.candidates]
     sparse = [{_SPARSE_INDEX[k]: v for k, v in c.sparse.items()} for c in body.candidates]
     try:
