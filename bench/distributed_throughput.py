@@ -80,13 +80,14 @@ def _ddp_counting_hook(counter: collections.Counter):
 
 def worker(args: argparse.Namespace) -> None:
     from pipelines.training.dlrm import TrainConfig, Trainer
+    from recsys.configs import TTConfig
     from recsys.logs import setup_logging
 
     setup_logging()
     counter: collections.Counter = collections.Counter()
     extra = {}
     if args.embeddings == "tt":
-        extra = dict(embeddings="tt", tt_ranks=(args.tt_rank,), tt_threshold=10_000, tt_cache_size=args.tt_cache_size)
+        extra = dict(embeddings="tt", tt=TTConfig(ranks=args.tt_rank, threshold=10_000, cache_size=args.tt_cache_size))
     config = TrainConfig(batch_size=args.batch_size, checkpoint_every=0, data_streams=2, **extra)
     trainer = Trainer(config, Path(args.data), Path(args.out), progress=False)
     model, opt = trainer.model, trainer.optimizer

@@ -38,6 +38,7 @@ from pipelines.data.generate import generate_tsv
 from pipelines.data.loader import ParquetBatchLoader
 from pipelines.data.preprocess import PreprocessConfig, Preprocessor
 from pipelines.training.dlrm import TrainConfig, Trainer
+from recsys.configs import TTConfig
 from recsys.dlrm import build_dense_collection, build_dlrm
 
 
@@ -52,8 +53,8 @@ def _time_steps(step, batches, warmup: int) -> float:
 
 def baseline_step_fn(config: TrainConfig, vocab_sizes: dict):
     torch.manual_seed(0)
-    collection = build_dense_collection(vocab_sizes, config.embedding_dim)
-    model = build_dlrm(config.model_config(), collection, 13)
+    collection = build_dense_collection(vocab_sizes, config.model.embedding_dim)
+    model = build_dlrm(config.model, collection, 13)
     opt = torch.optim.Adagrad(model.parameters(), lr=config.dense_lr)
 
     def step(batch):
@@ -110,9 +111,7 @@ def main(argv: list[str] | None = None) -> None:
             batch_size=args.batch_size,
             checkpoint_every=0,
             embeddings="tt",
-            tt_ranks=(args.tt_ranks,),
-            tt_threshold=args.tt_threshold,
-            tt_cache_size=args.tt_cache_size,
+            tt=TTConfig(ranks=args.tt_ranks, threshold=args.tt_threshold, cache_size=args.tt_cache_size),
             tt_cache_refresh=max(1, args.warmup),
         )
         cache = f", cache {args.tt_cache_size} rows" if args.tt_cache_size else ""

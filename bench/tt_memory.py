@@ -27,6 +27,7 @@ from pipelines.data.generate import generate_tsv
 from pipelines.data.preprocess import PreprocessConfig, Preprocessor
 from pipelines.report import format_table, human_bytes
 from pipelines.training.dlrm import TrainConfig, Trainer
+from recsys.configs import TTConfig
 from recsys.logs import setup_logging
 from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES
 
@@ -52,7 +53,7 @@ def main(argv: list[str] | None = None) -> None:
         base = dict(batch_size=args.batch_size, checkpoint_every=0, eval_every=0)
         configs = [] if args.skip_dense else [("dense", TrainConfig(**base))]
         configs += [
-            (f"TT rank {r}", TrainConfig(**base, embeddings="tt", tt_ranks=(r,), tt_threshold=args.tt_threshold))
+            (f"TT rank {r}", TrainConfig(**base, embeddings="tt", tt=TTConfig(ranks=r, threshold=args.tt_threshold)))
             for r in ranks
         ]
         for name, config in configs:

@@ -7,7 +7,7 @@ without importing the training stack. ``recsys.dlrm`` and ``recsys.tt_collection
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
 import torch
@@ -65,6 +65,10 @@ TT_OPTIMIZERS = {
     "rowwise_adagrad": OptimType.EXACT_ROWWISE_ADAGRAD,
 }
 
+STANDALONE_OPTIMIZER = "rowwise_adagrad"
+STANDALONE_LEARNING_RATE = 0.02
+"""The TT cores' optimizer when nothing sets one: FBGEMM's default table optimizer and TT-Rec's learning rate."""
+
 
 @dataclass(frozen=True)
 class TTConfig:
@@ -74,8 +78,11 @@ class TTConfig:
         ranks: TT ranks, one int for all inner ranks or a list of d-1.
         threshold: tables with more rows than this become TT (TT-Rec leaves small ones dense).
         tt_tables / dense_tables: table names forced to TT / to dense, whatever their size.
-        optimizer: the fused optimizer of the TT cores (``sgd``, ``adagrad``, ``rowwise_adagrad``).
-        learning_rate, eps: its settings.
+        optimizer: the fused optimizer of the TT cores (``sgd``, ``adagrad``, ``rowwise_adagrad``); unset, a
+            trainer gives the TT cores its embedding optimizer, and a collection built from this config alone
+            uses ``rowwise_adagrad``.
+        learning_rate: the TT cores' learning rate; unset, the trainer's embedding learning rate, or 0.02.
+        eps: the Adagrad epsilon.
         num_cores: d, the number of cores (2-4), shapes chosen automatically.
         cache_size: LFU cache rows per TT table (0 = no cache); the tables of a group share
             one cache of ``cache_size x tables`` rows, filled by frequency across all of them.
@@ -86,20 +93,35 @@ class TTConfig:
     threshold: int = 10_000
     tt_tables: tuple[str, ...] = ()
     dense_tables: tuple[str, ...] = ()
-    optimizer: str = "rowwise_adagrad"
-    learning_rate: float = 0.02
+    optimizer: Literal["sgd", "adagrad", "rowwise_adagrad"] | None = None
+    learning_rate: float | None = None
     eps: float = FBGEMM_EPS
     num_cores: int = 3
     cache_size: int = 0
     weight_dist: str = "approx-normal"
 
     def __post_init__(self) -> None:
-        if self.optimizer not in TT_OPTIMIZERS:
+        if isinstance(self.ranks, (tuple, list)):  # one rank for all is stored as an int, as flags give (16,)
+            ranks = tuple(int(r) for r in self.ranks)
+            object.__setattr__(self, "ranks", ranks[0] if len(ranks) == 1 else ranks)
+        for name in ("tt_tables", "dense_tables"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if self.optimizer is not None and self.optimizer not in TT_OPTIMIZERS:
             raise ValueError(f"TT optimizer must be one of {sorted(TT_OPTIMIZERS)}, got {self.optimizer!r}")
         if self.threshold < 0 or self.cache_size < 0:
             raise ValueError(f"threshold and cache_size must be >= 0, got {self.threshold}, {self.cache_size}")
+        if self.learning_rate is not None and self.learning_rate <= 0:
+            raise ValueError(f"TT learning_rate must be positive, got {self.learning_rate}")
         if set(self.tt_tables) & set(self.dense_tables):
             raise ValueError(f"tables both forced TT and dense: {sorted(set(self.tt_tables) & set(self.dense_tables))}")
+
+    def following(self, optimizer: str, learning_rate: float) -> TTConfig:
+        """This config with an unset optimizer or learning rate taken from the model's other tables."""
+        return replace(
+            self,
+            optimizer=self.optimizer if self.optimizer is not None else optimizer,
+            learning_rate=self.learning_rate if self.learning_rate is not None else learning_rate,
+        )
 
     def is_tt(self, table: TableSpec) -> bool:
         if table.name in self.tt_tables:
@@ -121,8 +143,8 @@ class TTConfig:
             list(table_rows),
             embedding_dim,
             tt_ranks=self.ranks if isinstance(self.ranks, int) else list(self.ranks),
-            optimizer=TT_OPTIMIZERS[self.optimizer],
-            learning_rate=self.learning_rate,
+            optimizer=TT_OPTIMIZERS[self.optimizer or STANDALONE_OPTIMIZER],
+            learning_rate=self.learning_rate if self.learning_rate is not None else STANDALONE_LEARNING_RATE,
             eps=self.eps,
             num_cores=self.num_cores,
             use_cache=self.cache_size > 0,

@@ -80,9 +80,9 @@ def _average_over_replicas(tensor: torch.Tensor) -> None:
 class LSHConfig:
     """How the layer hashes, samples, learns its hash and rebuilds. Validated where it is made."""
 
-    num_tables: int = 16  # L
+    num_tables: int = 16  # L: hash tables
     num_bits: int = 8  # K bits per table (SimHash) or winners per table (DWTA)
-    hash: Literal["simhash", "dwta"] = "simhash"
+    hash: Literal["simhash", "dwta"] = "simhash"  # hash family: SimHash (signed projections) or DWTA
     dwta_bin_size: int = 8  # coordinates compared by one DWTA hash
     sample_size: int = 2048  # S: classes scored per training step (labels + LSH + uniform)
     max_per_bucket: int = 0  # read at most this many entries of a bucket per query (0 = all)
@@ -101,7 +101,7 @@ class LSHConfig:
     hash_min_change: float = 0.02  # adopt the trained projection (full rehash) once it moves this many class codes
     pair_buffer: int = 8192  # (hidden, positive, negative) triplets kept from training
     pairs_per_step: int = 64  # triplets collected per training step
-    schedule: Schedule = "mongoose"
+    schedule: Schedule = "mongoose"  # when to rebuild: on drift (MONGOOSE), every rebuild_period steps, or always
     drift_threshold: float = 0.05  # MONGOOSE: rebuild when this fraction of the tables' entries is stale
     drift_probe: int = 4096  # classes (drawn from the seed and the step) whose codes the drift check rehashes
     rebuild_period: int = 50  # fixed schedule (SLIDE): steps between rebuilds

@@ -44,7 +44,7 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from pipelines.cli_config import config_to_dict
+from pipelines.cli_config import config_from_dict, config_to_dict
 from pipelines.data.loader import ParquetBatchLoader, sparse_ids
 from pipelines.data.preprocess import VOCAB_FILE, load_metadata
 from pipelines.training.checkpoint import TRAINER_STATE_FILE, latest_checkpoint
@@ -127,13 +127,8 @@ def load_checkpoint_tensors(checkpoint: Path, prefix: str = _MODEL_PREFIX) -> di
 
 def model_section(config: dict) -> dict:
     """The manifest's ``model``: the run's ``DLRMConfig`` and ``TTConfig`` whole (``recsys.serving.build_model``)."""
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    run = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in config.items() if k in known})
-    return {
-        "embeddings": run.embeddings,
-        "dlrm": config_to_dict(run.model_config()),
-        "tt": config_to_dict(run.tt_config()),
-    }
+    run = config_from_dict(TrainConfig, config, "the checkpoint's training config", strict=False)
+    return {"embeddings": run.embeddings, "dlrm": config_to_dict(run.model), "tt": config_to_dict(run.tt)}
 
 
 def features_section(metadata: dict) -> dict:
@@ -190,9 +185,7 @@ def retrieval_export(run: Path, item_column: str, sparse_columns: list[str]) -> 
         raise ValueError(f"--retrieval {run}: {run_dir / METRICS_FILE} with the run's config is missing")
     if item_column not in sparse_columns:
         raise ValueError(f"--item-column {item_column!r}: not a categorical column ({sparse_columns[0]}..)")
-    names = {f.name for f in dataclasses.fields(NextItemConfig)}
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in metrics["config"].items() if k in names}
-    config = NextItemConfig(**values)
+    config = config_from_dict(NextItemConfig, metrics["config"], f"{run_dir / METRICS_FILE}", strict=False)
     if config.output_layer != "lsh":
         raise ValueError(f"--retrieval {run}: trained with --output-layer {config.output_layer}; it needs lsh")
     state = load_checkpoint_tensors(checkpoint, prefix="model.")
@@ -210,7 +203,7 @@ def retrieval_export(run: Path, item_column: str, sparse_columns: list[str]) -> 
             "item_dim": config.item_dim,
             "hidden": config.hidden,
         },
-        "lsh": dataclasses.asdict(config.lsh_config()),
+        "lsh": dataclasses.asdict(config.lsh),
         "catalogue": {"items": num_items, "item_ids": "the sequence log's item ids: class c is item c + 1"},
         "rerank": {
             "column": item_column,

@@ -16,13 +16,13 @@ import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 import torch.distributed as dist
 from torchrec.models.dlrm import DLRMTrain
 
-from pipelines.cli_config import command_parser, config_to_dict, start_command
+from pipelines.cli_config import Alias, command_parser, config_to_dict, start_command
 from pipelines.data.loader import ParquetBatchLoader, placeholder_batch
 from pipelines.data.preprocess import load_metadata
 from pipelines.report import human_bytes
@@ -47,15 +47,17 @@ def _help(text: str) -> dict:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Everything a training run depends on; stored in ``metrics.json`` and every checkpoint."""
+    """Everything a training run depends on; stored whole in ``metrics.json`` and every checkpoint.
+
+    The model's configs are held whole (``model``, ``tt``), so their defaults live where the model reads them
+    and an export rebuilds the same model from the record. The TT cores follow the embedding optimizer and
+    learning rate unless ``tt.optimizer`` / ``tt.learning_rate`` are set.
+    """
 
     batch_size: int = field(default=512, metadata=_help("training batch size (global, over all ranks)"))
     epochs: int = field(default=1, metadata=_help("passes over the train split"))
     max_steps: int = field(default=0, metadata=_help("stop after this many steps (0 = no limit)"))
-    embedding_dim: int = field(default=16, metadata=_help("width of every embedding table"))
-    dense_arch: tuple[int, ...] = field(default=(64, 16), metadata=_help("bottom MLP sizes; last = embedding-dim"))
-    over_arch: tuple[int, ...] = field(default=(128, 64, 1), metadata=_help("top MLP sizes; last = 1"))
-    interaction: Literal["dot", "dcn"] = field(default="dot", metadata=_help("DLRM dot interaction or DCN-v2"))
+    model: DLRMConfig = field(default_factory=DLRMConfig, metadata=_help("the DLRM architecture"))
     embedding_optimizer: Literal["rowwise_adagrad", "adagrad", "sgd"] = field(
         default="rowwise_adagrad", metadata=_help("optimizer fused into the tables' backward pass (fbgemm)")
     )
@@ -74,16 +76,9 @@ class TrainConfig:
     shuffle_buffer: int = field(default=262_144, metadata=_help("rows shuffled together by the loader"))
     log_every: int = field(default=20, metadata=_help("record the training loss every N steps"))
     embeddings: Literal["dense", "tt"] = field(
-        default="dense", metadata=_help("dense tables (fbgemm) or TT-compressed tables above --tt-threshold rows")
+        default="dense", metadata=_help("dense tables (fbgemm) or TT-compressed tables above --tt.threshold rows")
     )
-    tt_ranks: tuple[int, ...] = field(default=(16,), metadata=_help("TT ranks: one for all, or d-1 of them"))
-    tt_threshold: int = field(default=10_000, metadata=_help("tables with more rows than this become TT"))
-    tt_cores: int = field(default=3, metadata=_help("number of TT cores per table (2-4)"))
-    tt_optimizer: Literal["same", "rowwise_adagrad", "adagrad", "sgd"] = field(
-        default="same", metadata=_help("fused optimizer of the TT cores ('same' = --embedding-optimizer)")
-    )
-    tt_lr: float = field(default=0.0, metadata=_help("learning rate of the TT cores (0 = --embedding-lr)"))
-    tt_cache_size: int = field(default=0, metadata=_help("rows of each TT table's LFU cache (0 = no cache)"))
+    tt: TTConfig = field(default_factory=TTConfig, metadata=_help("the TT tables (with --embeddings tt)"))
     tt_cache_refresh: int = field(
         default=500, metadata=_help("refill the LFU caches from the row frequencies every N steps")
     )
@@ -97,6 +92,20 @@ class TrainConfig:
     seed: int = field(default=0, metadata=_help("seed of initialisation and data order"))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_help("where to train"))
 
+    FLAT_ALIASES: ClassVar[dict[str, Alias]] = {
+        "embedding_dim": Alias("model.embedding_dim"),
+        "dense_arch": Alias("model.dense_arch"),
+        "over_arch": Alias("model.over_arch"),
+        "interaction": Alias("model.interaction"),
+        "tt_ranks": Alias("tt.ranks"),
+        "tt_threshold": Alias("tt.threshold"),
+        "tt_cores": Alias("tt.num_cores"),
+        "tt_optimizer": Alias("tt.optimizer", {"same": None}, "'same' = --embedding-optimizer"),
+        "tt_lr": Alias("tt.learning_rate", {0: None}, "0 = --embedding-lr"),
+        "tt_cache_size": Alias("tt.cache_size"),
+    }
+    """The flat fields of earlier versions: their flags, YAML keys and stored records still work."""
+
     def __post_init__(self) -> None:
         for name in ("batch_size", "epochs", "eval_batch_size", "log_every"):
             if getattr(self, name) < 1:
@@ -108,12 +117,12 @@ class TrainConfig:
             raise ValueError(f"embedding_optimizer must be one of {sorted(EMBEDDING_OPTIMIZERS)}")
         if self.dense_optimizer not in DENSE_OPTIMIZERS:
             raise ValueError(f"dense_optimizer must be one of {sorted(DENSE_OPTIMIZERS)}")
-        if self.embedding_lr <= 0 or self.dense_lr <= 0 or self.tt_lr < 0:
+        if self.embedding_lr <= 0 or self.dense_lr <= 0:
             raise ValueError("learning rates must be positive")
         if self.tt_cache_refresh < 1:
             raise ValueError(f"tt_cache_refresh must be >= 1, got {self.tt_cache_refresh}")
-        self.tt_config()  # validates the TT settings
-        self.model_config()  # validates the architecture
+        # the TT cores follow the other tables' optimizer unless set: resolved here, so records hold the values
+        object.__setattr__(self, "tt", self.tt.following(self.embedding_optimizer, self.embedding_lr))
 
     def loop_config(self) -> LoopConfig:
         return LoopConfig(
@@ -125,26 +134,6 @@ class TrainConfig:
             keep_checkpoints=self.keep_checkpoints,
             select_best=self.select_best,
             best_metric="auc",
-        )
-
-    def tt_config(self) -> TTConfig:
-        ranks = self.tt_ranks[0] if len(self.tt_ranks) == 1 else self.tt_ranks
-        optimizer = self.embedding_optimizer if self.tt_optimizer == "same" else self.tt_optimizer
-        return TTConfig(
-            ranks=ranks,
-            threshold=self.tt_threshold,
-            optimizer=optimizer,
-            learning_rate=self.tt_lr or self.embedding_lr,
-            num_cores=self.tt_cores,
-            cache_size=self.tt_cache_size,
-        )
-
-    def model_config(self) -> DLRMConfig:
-        return DLRMConfig(
-            embedding_dim=self.embedding_dim,
-            dense_arch=self.dense_arch,
-            over_arch=self.over_arch,
-            interaction=self.interaction,
         )
 
 
@@ -171,8 +160,8 @@ class Trainer:
         self.tt_collection: TTEmbeddingBagCollection | None = None
         if config.embeddings == "tt":
             collection = TTEmbeddingBagCollection(
-                table_configs(vocab_sizes, config.embedding_dim),
-                config.tt_config(),
+                table_configs(vocab_sizes, config.model.embedding_dim),
+                config.tt,
                 device=self.info.device,
                 dense_device=meta,
             )
@@ -180,7 +169,7 @@ class Trainer:
             self.table_report = collection.table_report()
             sparse_module = collection.dense
         else:
-            collection = build_dense_collection(vocab_sizes, config.embedding_dim, device=meta)
+            collection = build_dense_collection(vocab_sizes, config.model.embedding_dim, device=meta)
             self.table_report = {
                 name: {
                     "kind": "dense",
@@ -194,7 +183,7 @@ class Trainer:
             sparse_module = collection
         self.table_bytes = {name.removeprefix("t_"): r["bytes"] for name, r in self.table_report.items()}
         model = DLRMTrain(
-            build_dlrm(config.model_config(), collection, len(self.metadata["dense_features"]), device=self.info.device)
+            build_dlrm(config.model, collection, len(self.metadata["dense_features"]), device=self.info.device)
         )
         self.model, self.optimizer = shard_with_fused_optimizer(
             model,
@@ -294,7 +283,7 @@ class Trainer:
 
     def after_step(self, step: int) -> None:
         cfg = self.config
-        if self.tt_collection is not None and cfg.tt_cache_size and step % cfg.tt_cache_refresh == 0:
+        if self.tt_collection is not None and cfg.tt.cache_size and step % cfg.tt_cache_refresh == 0:
             self.tt_collection.cache_populate()
 
     def _restore(self, path: Path) -> dict:
@@ -385,7 +374,7 @@ class Trainer:
             self.out_dir,
             metrics,
             rows,
-            f"DLRM ({self.config.interaction} interaction) on {self.data_dir}",
+            f"DLRM ({self.config.model.interaction} interaction) on {self.data_dir}",
             tables=[(["table", "rows", "kind", "bytes", "compression"], table_rows)],
         )
 

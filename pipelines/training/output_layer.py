@@ -17,13 +17,13 @@ from __future__ import annotations
 import itertools
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
-from pipelines.cli_config import config_to_dict
+from pipelines.cli_config import Alias, config_to_dict
 from pipelines.training.engine import Engine, LoopConfig, ModelTask, write_report
 from recsys.lsh_output import FullSoftmaxOutput, LSHConfig, LSHOutputLayer
 from recsys.sequence_encoders import EncoderWithOutput
@@ -45,34 +45,38 @@ class OutputLayerConfig:
     hidden: int = field(default=128, metadata=_help("width of the hidden vector fed to the output layer"))
     lr: float = field(default=1e-3, metadata=_help("Adam learning rate of the encoder"))
     output_lr: float = field(default=0.05, metadata=_help("Adagrad learning rate of the output weight"))
-    lsh_tables: int = field(default=16, metadata=_help("L: hash tables"))
-    lsh_bits: int = field(default=8, metadata=_help("K: bits per table"))
-    lsh_hash: Literal["simhash", "dwta"] = field(default="simhash", metadata=_help("hash family"))
-    sample_size: int = field(default=2048, metadata=_help("classes scored per step (labels + LSH + uniform)"))
-    max_per_bucket: int = field(
-        default=128,
+    lsh: LSHConfig = field(
+        default_factory=lambda: LSHConfig(learned=True, max_per_bucket=128),
         metadata=_help(
-            "read at most this many classes per bucket, from a random start (0 = all); caps the cost of the skewed "
-            "buckets learned hashing can grow (measured on Amazon Beauty in docs/lsh_output.md)"
+            "the LSH output layer (with --output-layer lsh); the commands train the projection (MONGOOSE) and read "
+            "at most 128 classes per bucket, which caps the cost of the skewed buckets learned hashing can grow "
+            "(measured on Amazon Beauty in docs/lsh_output.md); its seed is --seed"
         ),
     )
-    per_query_quota: bool = field(
-        default=False, metadata=_help("each query keeps its best sample_size/batch candidates (else batch-wide counts)")
-    )
-    learned_hash: bool = field(default=True, metadata=_help("MONGOOSE: train the projection (triplet loss)"))
-    logq: bool = field(default=False, metadata=_help("log-Q correction of the sampled logits"))
-    schedule: Literal["mongoose", "fixed", "every_step"] = field(
-        default="mongoose", metadata=_help("when to rebuild the tables")
-    )
-    drift_threshold: float = field(default=0.05, metadata=_help("mongoose: stale-code fraction that rebuilds"))
-    rebuild_period: int = field(default=50, metadata=_help("fixed schedule: steps between rebuilds"))
-    rebuild_mode: Literal["changed", "full"] = field(default="changed", metadata=_help("rehash trained rows or all"))
-    hash_every: int = field(default=200, metadata=_help("train the learned projection at most every N steps"))
     max_steps: int = field(default=0, metadata=_help("stop after this many steps (0 = all epochs)"))
     eval_batch_size: int = field(default=1024, metadata=_help("batch size of evaluation"))
     log_every: int = field(default=20, metadata=_help("record the training loss every N steps"))
     seed: int = field(default=0, metadata=_help("seed of initialisation, sampling and data order"))
     device: Literal["auto", "cpu", "cuda"] = field(default="auto", metadata=_help("where to train"))
+
+    FLAT_ALIASES: ClassVar[dict[str, Alias]] = {
+        "lsh_tables": Alias("lsh.num_tables"),
+        "lsh_bits": Alias("lsh.num_bits"),
+        "lsh_hash": Alias("lsh.hash", implies={"dwta": {"lsh.learned": False}}, note="dwta trains no projection"),
+        "sample_size": Alias("lsh.sample_size"),
+        "max_per_bucket": Alias("lsh.max_per_bucket"),
+        "per_query_quota": Alias("lsh.per_query_quota"),
+        "learned_hash": Alias("lsh.learned"),
+        "logq": Alias("lsh.logq"),
+        "schedule": Alias("lsh.schedule"),
+        "drift_threshold": Alias("lsh.drift_threshold"),
+        "rebuild_period": Alias("lsh.rebuild_period"),
+        "rebuild_mode": Alias("lsh.rebuild_mode"),
+        "hash_every": Alias("lsh.hash_every"),
+    }
+    """The flat fields of earlier versions: their flags, YAML keys and stored records still work."""
+    DERIVED: ClassVar[tuple[str, ...]] = ("lsh.seed",)
+    """Fields the config sets itself (not flags): the layer's seed is the run's."""
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "hidden", "eval_batch_size", "log_every"):
@@ -82,25 +86,7 @@ class OutputLayerConfig:
             raise ValueError(f"max_steps must be >= 0, got {self.max_steps}")
         if self.lr <= 0 or self.output_lr <= 0:
             raise ValueError(f"lr and output_lr must be positive, got {self.lr}, {self.output_lr}")
-        self.lsh_config()  # validates the LSH fields
-
-    def lsh_config(self) -> LSHConfig:
-        return LSHConfig(
-            num_tables=self.lsh_tables,
-            num_bits=self.lsh_bits,
-            hash=self.lsh_hash,
-            sample_size=self.sample_size,
-            max_per_bucket=self.max_per_bucket,
-            per_query_quota=self.per_query_quota,
-            learned=self.learned_hash and self.lsh_hash == "simhash",
-            logq=self.logq,
-            schedule=self.schedule,
-            drift_threshold=self.drift_threshold,
-            rebuild_period=self.rebuild_period,
-            rebuild_mode=self.rebuild_mode,
-            hash_every=self.hash_every,
-            seed=self.seed,
-        )
+        object.__setattr__(self, "lsh", replace(self.lsh, seed=self.seed))
 
     def torch_device(self) -> torch.device:
         if self.device == "auto":
@@ -110,7 +96,7 @@ class OutputLayerConfig:
 
 def build_output_layer(config: OutputLayerConfig, num_classes: int) -> LSHOutputLayer | FullSoftmaxOutput:
     if config.output_layer == "lsh":
-        return LSHOutputLayer(config.hidden, num_classes, config.lsh_config())
+        return LSHOutputLayer(config.hidden, num_classes, config.lsh)
     return FullSoftmaxOutput(config.hidden, num_classes, seed=config.seed)
 
 

@@ -154,8 +154,8 @@ def test_train_next_item_writes_the_metrics_of_its_checkpointed_model(tmp_path):
     (tmp_path / "s.txt").write_text("\n".join(lines) + "\n")
     out = tmp_path / "run"
     main(["--data", str(tmp_path / "s.txt"), "--out", str(out), "--output-layer", "lsh", "--epochs", "1",
-          "--batch-size", "64", "--sample-size", "32", "--lsh-bits", "3", "--lsh-tables", "2", "--hidden", "8",
-          "--item-dim", "8", "--max-len", "5", "--no-progress"])  # fmt: skip
+          "--batch-size", "64", "--lsh.sample-size", "32", "--lsh.num-bits", "3", "--lsh.num-tables", "2",
+          "--hidden", "8", "--item-dim", "8", "--max-len", "5", "--no-progress"])  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     num_items = max(max(items) for items in sequences)  # file ids are 1-based: classes 0 .. max - 1
     f32, i64 = torch.float32, torch.int64

@@ -26,6 +26,8 @@ from pipelines.export.writer import export_checkpoint
 from pipelines.training.dlrm import TrainConfig, Trainer
 from pipelines.training.next_item import NextItemConfig
 from pipelines.training.next_item import run as train_next_item
+from recsys.configs import TTConfig
+from recsys.lsh_output import LSHConfig
 from recsys.serving.criteo import RAW_COLUMNS
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,9 +86,7 @@ def tt_trainer(hash_data, tmp_path_factory) -> Trainer:
     config = TrainConfig(
         max_steps=25,
         embeddings="tt",
-        tt_threshold=4000,
-        tt_ranks=(8,),
-        tt_cache_size=64,
+        tt=TTConfig(threshold=4000, ranks=8, cache_size=64),
         tt_cache_refresh=4,
         **COMMON,
     )
@@ -127,10 +127,10 @@ def next_item_run(tmp_path_factory) -> Path:
         items = (start - 1 + stride * np.arange(length)) % NUM_ITEMS + 1
         lines.append(" ".join(str(v) for v in [user, *items.tolist()]))
     (root / "sequences.txt").write_text("\n".join(lines) + "\n")
+    lsh = LSHConfig(num_tables=6, num_bits=4, sample_size=96, hash_every=10, learned=True, max_per_bucket=128)
     config = NextItemConfig(
-        epochs=2, batch_size=128, hidden=32, item_dim=16, max_len=10, lsh_tables=6, lsh_bits=4, sample_size=96,
-        hash_every=10, eval_batch_size=512, device="cpu", seed=0,
-    )  # fmt: skip
+        epochs=2, batch_size=128, hidden=32, item_dim=16, max_len=10, eval_batch_size=512, lsh=lsh, device="cpu", seed=0
+    )
     train_next_item(config, root / "sequences.txt", root / "run", progress=False)
     return root / "run"
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.cli_config import config_from_dict
 from pipelines.data.loader import ParquetBatchLoader, sparse_ids
 from pipelines.data.preprocess import PreprocessConfig, Preprocessor
 from pipelines.export.writer import evaluate_model, export_checkpoint
@@ -52,7 +53,7 @@ def test_two_rank_checkpoint_is_exported_and_served(two_rank_run, tmp_path):
 
     # the exported tensors are the checkpoint's, and the model a 1-process trainer restores from it scores the same
     state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
-    config = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in state["config"].items()})
+    config = config_from_dict(TrainConfig, state["config"])
     data = Path(json.loads((two_rank_run / "metrics.json").read_text())["data"])
     trainer = Trainer(config, data, tmp_path / "restored", progress=False)
     trainer._restore(checkpoint)

@@ -76,11 +76,9 @@ def test_manifest_holds_the_configs_whole_and_format_1_still_loads(kind, request
     export, trainer = request.getfixturevalue(f"{kind}_export"), request.getfixturevalue(f"{kind}_trainer")
     manifest = read_manifest(export)
     assert manifest["format_version"] == 2
-    assert DLRMConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in manifest["model"]["dlrm"].items()}) == (
-        trainer.config.model_config()
-    )
-    tt = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["model"]["tt"].items()}
-    assert TTConfig(**tt) == trainer.config.tt_config()
+    dlrm = {k: tuple(v) if isinstance(v, list) else v for k, v in manifest["model"]["dlrm"].items()}
+    assert DLRMConfig(**dlrm) == trainer.config.model
+    assert TTConfig(**manifest["model"]["tt"]) == trainer.config.tt
 
     old = tmp_path / "format1"
     shutil.copytree(export, old)

@@ -16,6 +16,7 @@ import torch
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
+from pipelines.cli_config import config_from_dict
 from pipelines.export.writer import export_checkpoint, load_checkpoint_tensors
 from pipelines.training.checkpoint import latest_checkpoint
 from pipelines.training.next_item import NextItemConfig
@@ -144,7 +145,7 @@ def test_bad_rank_input_names_the_field(live):
 def _trained_next_item(run):
     """The next-item model restored from its own checkpoint with the training code: the offline reference."""
     metrics = json.loads((run / "metrics.json").read_text())
-    config = NextItemConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in metrics["config"].items()})
+    config = config_from_dict(NextItemConfig, metrics["config"])
     state = load_checkpoint_tensors(latest_checkpoint(run / "checkpoints"), prefix="model.")
     num_items = state["output.weight"].shape[0]
     encoder = HistoryEncoder(num_items, config.max_len, config.item_dim, config.hidden, config.dropout)

@@ -65,8 +65,8 @@ def test_tt_dlrm_matches_dense_auc_with_tables_50x_smaller(data_dir, tmp_path):
     pq = _hashed_kaggle(data_dir, tmp_path / "pq")
     common = ["--data", str(pq), "--config", str(REPO / "configs" / "criteo_kaggle_10k.yaml"), "--no-progress"]
     dense = train.main([*common, "--out", str(tmp_path / "dense"), "--embeddings", "dense"])
-    tt = train.main([*common, "--out", str(tmp_path / "tt"), "--embeddings", "tt", "--tt-ranks", "16",
-                     "--tt-threshold", "10000"])  # fmt: skip
+    tt = train.main([*common, "--out", str(tmp_path / "tt"), "--embeddings", "tt", "--tt.ranks", "16",
+                     "--tt.threshold", "10000"])  # fmt: skip
     tt_tables = {n for n, r in tt["tables"].items() if r["kind"] == "tt"}
     assert tt_tables == {n for n, r in tt["tables"].items() if r["rows"] > 10_000} and len(tt_tables) == 10
     print(

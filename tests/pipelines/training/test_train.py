@@ -22,6 +22,7 @@ from pipelines.data.synthetic import SyntheticCriteo
 from pipelines.training.dlrm import TrainConfig, Trainer, build_parser
 from pipelines.training.evaluate import binary_metrics
 from recsys.baselines import LogisticCTR
+from recsys.configs import DLRMConfig, TTConfig
 from tests.pipelines.training.resume_checks import (
     assert_kinds_present,
     checkpoint_contents,
@@ -159,24 +160,26 @@ def test_cli_help_documents_every_flag_and_config_file_precedence(tmp_path):
     text = parser.format_help()
     for flag in ("--batch-size", "--embedding-lr", "--resume", "--config", "--select-best", "--max-steps"):
         assert flag in text
+    for flag in ("--model.embedding-dim", "--tt.num-cores", "--tt-cores", "--embedding-dim"):
+        assert flag in text
     config_file = tmp_path / "c.yaml"
-    config_file.write_text("batch_size: 64\nembedding_dim: 8\ndense_arch: [32, 8]\n")
+    config_file.write_text("batch_size: 64\nmodel:\n  embedding_dim: 8\n  dense_arch: [32, 8]\n")
     from pipelines.cli_config import build_config
 
     args = parser.parse_args(["--data", "d", "--out", "o", "--config", str(config_file), "--batch-size", "32"])
     config = build_config(TrainConfig, args, args.config)
-    assert (config.batch_size, config.embedding_dim, config.dense_arch) == (32, 8, (32, 8))
+    assert (config.batch_size, config.model.embedding_dim, config.model.dense_arch) == (32, 8, (32, 8))
     config_file.write_text("batch_sise: 64\n")
     with pytest.raises(ValueError, match="batch_sise"):
         build_config(TrainConfig, args, config_file)
     with pytest.raises(ValueError, match="dense_arch"):
-        TrainConfig(embedding_dim=8)
+        TrainConfig(model=DLRMConfig(embedding_dim=8))
 
 
 def _tt_config(**overrides) -> TrainConfig:
     settings = dict(
-        epochs=1, batch_size=256, eval_every=0, checkpoint_every=0, seed=0, embeddings="tt", tt_ranks=(8,),
-        tt_threshold=500, tt_cache_size=64, tt_cache_refresh=40,
+        epochs=1, batch_size=256, eval_every=0, checkpoint_every=0, seed=0, embeddings="tt",
+        tt=TTConfig(ranks=8, threshold=500, cache_size=64), tt_cache_refresh=40,
     )  # fmt: skip
     return TrainConfig(**{**settings, **overrides})
 
