@@ -18,6 +18,7 @@ import pyarrow.csv as pacsv
 from tqdm import tqdm
 
 from pipelines.data.synthetic import SyntheticCriteo, SyntheticCriteoConfig
+from recsys.logs import setup_logging
 from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_SPARSE
 
 log = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     config = SyntheticCriteoConfig(
         vocab_sizes=args.vocab_sizes,

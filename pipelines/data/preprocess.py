@@ -38,6 +38,7 @@ from tqdm import tqdm
 from pipelines.data.features import CategoryCounter
 from pipelines.data.synthetic import hash_uniform
 from pipelines.data.tsv import MalformedReport, ParsedBlock, count_lines, read_log
+from recsys.logs import setup_logging
 from recsys.serving.criteo import DENSE_COLUMNS, LABEL, NUM_SPARSE, SPARSE_COLUMNS
 from recsys.serving.features import HashMapping, VocabMapping, decode_hex, transform_dense
 
@@ -388,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    setup_logging()
     args = build_parser().parse_args(argv)
     config = PreprocessConfig(
         vocab=args.vocab,
