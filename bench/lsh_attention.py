@@ -99,7 +99,7 @@ def _methods(head_dim: int) -> dict[str, Callable]:
         "dense": build("dense"),
         "materialised": materialised_attention,
         "reformer": build("reformer", bucket_size=64, n_hashes=2),
-        "smyrf": build("smyrf", cluster_size=64, n_hashes=2),
+        "smyrf": build("smyrf", bucket_size=64, n_hashes=2),
         "yoso": build("yoso", n_hashes=8, n_bits=8),
         "learned_lsh": build("learned_lsh", head_dim=head_dim, bucket_size=64, n_hashes=2, n_buckets=16).eval(),
     }

@@ -114,20 +114,17 @@ class SequenceTrainConfig:
         )
 
     def attention_options(self) -> dict:
-        head_dim = self.embedding_dim // self.heads
-        return {
-            "dense": {},
-            "reformer": {"bucket_size": self.bucket_size, "n_hashes": self.n_hashes},
-            "smyrf": {"cluster_size": self.bucket_size, "n_hashes": self.n_hashes},
+        """The shared options of ``recsys.attention.build`` and the method's own (YOSO's hashes are its own)."""
+        shared = {
+            "head_dim": self.embedding_dim // self.heads,
+            "bucket_size": self.bucket_size,
+            "n_hashes": self.n_hashes,
+        }
+        own = {
             "yoso": {"n_hashes": self.yoso_hashes, "n_bits": self.yoso_bits},
-            "learned_lsh": {
-                "head_dim": head_dim,
-                "bucket_size": self.bucket_size,
-                "n_hashes": self.n_hashes,
-                "n_buckets": self.learned_buckets,
-            },
-            "none": {},
-        }[self.attention]
+            "learned_lsh": {"n_buckets": self.learned_buckets},
+        }
+        return {**shared, **own.get(self.attention, {})}
 
 
 def generate_splits(config: SequenceTrainConfig) -> tuple[SequenceSynthetic, dict[str, dict[str, np.ndarray]]]:

@@ -16,15 +16,19 @@ class Attention(nn.Module):
 
     Args:
         causal: position ``i`` attends only to positions ``<= i``.
+        head_dim: ``d`` of the queries and keys, checked on every call when given (``None``: any; a method
+            whose state depends on it, ``learned_lsh``, takes it from its first call).
 
     ``mask``: ``(B, n)`` bool, True for real keys, False for padding. Outputs at padded query
     positions are unspecified (zeros where nothing can be attended); outputs at real
     positions never depend on what is at masked or (when causal) future positions.
     """
 
-    def __init__(self, causal: bool = False) -> None:
+    def __init__(self, causal: bool = False, head_dim: int | None = None) -> None:
         super().__init__()
-        self.causal = causal
+        if head_dim is not None and head_dim < 1:
+            raise ValueError(f"head_dim must be >= 1, got {head_dim}")
+        self.causal, self.head_dim = causal, head_dim
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None
@@ -35,6 +39,8 @@ class Attention(nn.Module):
                 f"got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
             )
         B, H, n, d = q.shape
+        if self.head_dim is not None and d != self.head_dim:
+            raise ValueError(f"{type(self).__name__}: head_dim is {self.head_dim}, got q and k of width {d}")
         if mask is not None:
             if mask.shape != (B, n) or mask.dtype != torch.bool:
                 raise ValueError(
@@ -49,7 +55,7 @@ class Attention(nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        return f"causal={self.causal}"
+        return f"causal={self.causal}, head_dim={self.head_dim}"
 
 
 def pad_to_multiple(

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer
 
 from kernels.lsh_attention import (
     collision_miss_rate,
@@ -18,7 +20,7 @@ from recsys.lsh_scheduler import SCHEDULES, RebuildScheduler
 log = logging.getLogger(__name__)
 
 
-class LearnedLSHAttention(ReformerAttention):
+class LearnedLSHAttention(LazyModuleMixin, ReformerAttention):
     """Reformer attention whose rotations are learnt (MONGOOSE) instead of drawn anew each call.
 
     The rotations ``(d, n_hashes, n_buckets/2)`` are a buffer (so checkpoints hold them, and
@@ -37,7 +39,9 @@ class LearnedLSHAttention(ReformerAttention):
     the model settle on a hash).
 
     Args:
-        head_dim: ``d`` of the queries and keys (the rotations' size is fixed).
+        head_dim: ``d`` of the queries and keys (the rotations' size is fixed); ``None`` takes it from the
+            first call (the rotations are then drawn there, a lazy buffer as in ``torch.nn.LazyLinear``, and a
+            state dict loads into the module before that call as well).
         bucket_size, n_hashes, causal, dedupe: as :class:`ReformerAttention`.
         n_buckets: buckets per round (even); the chunks stay ``bucket_size`` long.
         schedule, threshold, period: the rebuild schedule (``mongoose``, ``fixed``, ``every_step``).
@@ -54,7 +58,7 @@ class LearnedLSHAttention(ReformerAttention):
 
     def __init__(
         self,
-        head_dim: int,
+        head_dim: int | None = None,
         bucket_size: int = 32,
         n_hashes: int = 2,
         n_buckets: int = 8,
@@ -78,9 +82,11 @@ class LearnedLSHAttention(ReformerAttention):
             raise ValueError(
                 f"hash_lr, hash_steps, temperature must be positive, got {hash_lr}, {hash_steps}, {temperature}"
             )
-        super().__init__(bucket_size, n_hashes, n_buckets, shared_qk=False, causal=causal, dedupe=dedupe)
-        self.head_dim = head_dim
-        self.register_buffer("hash_rotations", random_rotations(head_dim, n_hashes, n_buckets))
+        super().__init__(
+            bucket_size, n_hashes, n_buckets, shared_qk=False, causal=causal, dedupe=dedupe, head_dim=head_dim
+        )
+        rotations = random_rotations(head_dim, n_hashes, n_buckets) if head_dim is not None else UninitializedBuffer()
+        self.register_buffer("hash_rotations", rotations)
         self.register_buffer("miss_baseline", torch.zeros((), dtype=torch.float64))
         self.register_buffer("miss_rate", torch.zeros((), dtype=torch.float64))
         self.scheduler = RebuildScheduler(schedule, threshold=threshold, period=period)
@@ -89,6 +95,21 @@ class LearnedLSHAttention(ReformerAttention):
         self.n_queries, self.n_candidates = n_queries, n_candidates
         self._hash_optimizer: torch.optim.Optimizer | None = None
         self.last_hash_loss = float("nan")
+
+    def initialize_parameters(self, q: torch.Tensor, *args, **kwargs) -> None:
+        """Draw the rotations at the width of the first call's queries (``head_dim=None``)."""
+        if self.has_uninitialized_params():
+            d = q.shape[-1]
+            rotations = random_rotations(d, self.n_hashes, self.n_buckets, device=q.device)
+            self.hash_rotations.materialize(rotations.shape, device=q.device)
+            with torch.no_grad():
+                self.hash_rotations.copy_(rotations)
+            self.head_dim = d
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self.head_dim is None and not self.has_uninitialized_params():  # a lazy module given a checkpoint
+            self.head_dim = int(self.hash_rotations.shape[0])
 
     def rotations(self, dim: int, n_buckets: int, like: torch.Tensor) -> torch.Tensor:
         if dim != self.head_dim:

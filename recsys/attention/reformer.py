@@ -32,6 +32,7 @@ class ReformerAttention(Attention):
             (``k`` is ignored) and a position attends to itself only when alone.
         causal: no attention to later positions.
         dedupe: count a pair met in several rounds once (see ``chunked_attention``).
+        head_dim: checked on every call when given (the method itself works at any width).
 
     Example::
 
@@ -48,8 +49,9 @@ class ReformerAttention(Attention):
         shared_qk: bool = False,
         causal: bool = False,
         dedupe: bool = True,
+        head_dim: int | None = None,
     ) -> None:
-        super().__init__(causal)
+        super().__init__(causal, head_dim)
         if bucket_size < 1 or n_hashes < 1:
             raise ValueError(f"bucket_size and n_hashes must be >= 1, got {bucket_size}, {n_hashes}")
         if n_buckets is not None and n_buckets != 1 and (n_buckets < 2 or n_buckets % 2):

@@ -22,21 +22,35 @@ class SmyrfAttention(Attention):
     so the real keys are spread over the first clusters. Memory ``O(n_hashes * n * cluster_size)``.
 
     Args:
-        cluster_size: queries (and keys) per cluster; ``>= n`` is dense attention.
+        bucket_size: queries (and keys) per cluster; ``>= n`` is dense attention (the shared option
+            name of every LSH attention: a cluster is SMYRF's bucket).
         n_hashes: hashing rounds.
         causal: no attention to later positions (a query whose cluster holds no earlier key
             gets nothing from that round).
         dedupe: count a pair met in several rounds once.
+        head_dim: checked on every call when given.
+        cluster_size: SMYRF's own name for ``bucket_size`` (give one of them).
 
     Example::
 
-        attn = SmyrfAttention(cluster_size=32, n_hashes=4)
+        attn = SmyrfAttention(bucket_size=32, n_hashes=4)
         q = torch.randn(2, 4, 256, 32)
         out = attn(q, torch.randn_like(q), torch.randn_like(q))  # (2, 4, 256, 32)
     """
 
-    def __init__(self, cluster_size: int = 32, n_hashes: int = 4, causal: bool = False, dedupe: bool = True) -> None:
-        super().__init__(causal)
+    def __init__(
+        self,
+        bucket_size: int | None = None,
+        n_hashes: int = 4,
+        causal: bool = False,
+        dedupe: bool = True,
+        head_dim: int | None = None,
+        cluster_size: int | None = None,
+    ) -> None:
+        super().__init__(causal, head_dim)
+        if bucket_size is not None and cluster_size is not None and bucket_size != cluster_size:
+            raise ValueError(f"smyrf: bucket_size {bucket_size} and cluster_size {cluster_size} name one size")
+        cluster_size = cluster_size or bucket_size or 32
         if cluster_size < 1 or n_hashes < 1:
             raise ValueError(f"cluster_size and n_hashes must be >= 1, got {cluster_size}, {n_hashes}")
         self.cluster_size, self.n_hashes, self.dedupe = cluster_size, n_hashes, dedupe

@@ -24,6 +24,8 @@ class YosoAttention(Attention):
         n_bits: ``tau``, hyperplanes per hash (sharper weights, ``2^tau`` buckets).
         normalize_output: L2-normalise each output row, as YOSO does (its weights do not sum to 1).
         causal: not supported (the bucket sums are over the whole sequence); raises.
+        head_dim: checked on every call when given.
+        block: value coordinates per bucket-sum pass of the backward on short sequences (memory, not results).
 
     Example::
 
@@ -33,9 +35,15 @@ class YosoAttention(Attention):
     """
 
     def __init__(
-        self, n_hashes: int = 16, n_bits: int = 8, normalize_output: bool = True, causal: bool = False, block: int = 4
+        self,
+        n_hashes: int = 16,
+        n_bits: int = 8,
+        normalize_output: bool = True,
+        causal: bool = False,
+        block: int = 4,
+        head_dim: int | None = None,
     ) -> None:
-        super().__init__(causal)
+        super().__init__(causal, head_dim)
         if causal:
             raise ValueError("yoso: causal=True is not supported (bucket sums run over the whole sequence)")
         if n_hashes < 1 or not 1 <= n_bits <= 16:
