@@ -13,15 +13,20 @@ and global batch ``b`` is sub-batch ``b`` of every stream. Rank ``r`` reads only
 ``v`` with ``v % world_size == r``, so it reads only its own row groups, and a 1-process run
 with the same ``streams`` reads the same rows in the same global batches. An epoch lasts as
 long as the shortest stream (the others' tails, less than one row group, wait for the next
-epoch's shuffle). Without ``streams`` (evaluation), or with one, rank ``r`` reads every
-``world_size``-th row group to its end, the last batch possibly short.
+epoch's shuffle). A split with fewer row groups than streams (a small file preprocessed with the
+default ``--row-group-rows``) has its row groups cut into row ranges first, as many per group as
+it takes to give every stream some, the same cut for any number of processes. Without ``streams``
+(evaluation), or with one, rank ``r`` reads every ``world_size``-th row group to its end, the last
+batch possibly short.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -39,6 +44,28 @@ class LoaderPosition:
 
     epoch: int = 0
     batches: int = 0
+
+
+class RowSlice(NamedTuple):
+    """Rows ``start:stop`` of row group ``group`` of shard ``file``: what the loader reads and deals at once."""
+
+    file: int
+    group: int
+    start: int
+    stop: int
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+
+def cut_slices(slices: list[RowSlice], parts: int) -> list[RowSlice]:
+    """Each slice cut into ``parts`` row ranges of near-equal size (empty ranges left out), in order."""
+    out = []
+    for piece in slices:
+        bounds = np.linspace(piece.start, piece.stop, parts + 1).round().astype(int)
+        out += [RowSlice(piece.file, piece.group, int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
+    return out
 
 
 @dataclass
@@ -127,7 +154,7 @@ class ParquetBatchLoader:
         self.world_size = world_size
         self._files = [pq.ParquetFile(self.data_dir / s["file"]) for s in self.metadata["splits"][split]["shards"]]
         self._row_groups = [
-            (f, g, pf.metadata.row_group(g).num_rows)
+            RowSlice(f, g, 0, pf.metadata.row_group(g).num_rows)
             for f, pf in enumerate(self._files)
             for g in range(pf.metadata.num_row_groups)
         ]
@@ -139,23 +166,27 @@ class ParquetBatchLoader:
             if batch_size % per_rank:
                 raise ValueError(f"batch_size {batch_size} is not divisible by the {per_rank} streams of a rank")
             self.sub_batch = batch_size // per_rank
-            self._stream_groups = self._deal(streams)
+            units = self._row_groups
+            if 0 < len(units) < streams:  # too few row groups: cut them into row ranges
+                units = cut_slices(units, -(-streams // len(units)))
+            self._stream_groups = self._deal(units, streams)
             empty = [v for v, groups in enumerate(self._stream_groups) if not groups]
             if empty:
+                total = sum(u.rows for u in self._row_groups)
                 raise ValueError(
-                    f"{split}: {len(self._row_groups)} row groups cannot fill {streams} streams; use fewer streams "
-                    "or preprocess with smaller --row-group-rows"
+                    f"{split}: {total} rows cannot fill {streams} streams; train with fewer --data-streams "
+                    "(0 = one per process) or on more data"
                 )
 
-    def _deal(self, streams: int) -> list[list[tuple[int, int, int]]]:
-        """Row groups dealt to ``streams`` sequences in a seeded order, each to the emptiest (by rows)."""
-        order = np.random.default_rng([self.seed, 0, 2]).permutation(len(self._row_groups))
-        dealt: list[list[tuple[int, int, int]]] = [[] for _ in range(streams)]
+    def _deal(self, units: list[RowSlice], streams: int) -> list[list[RowSlice]]:
+        """``units`` dealt to ``streams`` sequences in a seeded order, each to the emptiest (by rows)."""
+        order = np.random.default_rng([self.seed, 0, 2]).permutation(len(units))
+        dealt: list[list[RowSlice]] = [[] for _ in range(streams)]
         rows = [0] * streams
         for i in order:
             v = rows.index(min(rows))
-            dealt[v].append(self._row_groups[i])
-            rows[v] += self._row_groups[i][2]
+            dealt[v].append(units[i])
+            rows[v] += units[i].rows
         return dealt
 
     @property
@@ -163,16 +194,16 @@ class ParquetBatchLoader:
         """Rows this rank reads per epoch."""
         if self.streams is not None:
             return len(self) * self.batch_size
-        return sum(n for _, _, n in self._row_groups[self.rank :: self.world_size])
+        return sum(piece.rows for piece in self._row_groups[self.rank :: self.world_size])
 
     def __len__(self) -> int:
         """Batches per epoch for this rank (with streams: the same on every rank)."""
         if self.streams is not None:
-            return min(sum(n for _, _, n in groups) // self.sub_batch for groups in self._stream_groups)
+            return min(sum(piece.rows for piece in groups) // self.sub_batch for groups in self._stream_groups)
         full, rest = divmod(self.num_rows, self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
-    def _epoch_groups(self, epoch: int) -> list[tuple[int, int, int]]:
+    def _epoch_groups(self, epoch: int) -> list[RowSlice]:
         """This rank's row groups (every ``world_size``-th, the same each epoch, as ``num_rows`` counts)."""
         groups = self._row_groups[self.rank :: self.world_size]
         if self.shuffle:
@@ -180,17 +211,17 @@ class ParquetBatchLoader:
             groups = [groups[i] for i in order]
         return groups
 
-    def _read_group(self, file_index: int, group: int) -> _Rows:
-        table = self._files[file_index].read_row_group(group)
+    def _read(self, piece: RowSlice) -> _Rows:
+        table = self._files[piece.file].read_row_group(piece.group)
+        if piece.rows != table.num_rows:
+            table = table.slice(piece.start, piece.rows)
         return _Rows(
             labels=table[LABEL].to_numpy().astype(np.float32),
             dense=np.stack([table[c].to_numpy() for c in DENSE_COLUMNS], axis=1).astype(np.float32),
             sparse=np.stack([table[c].to_numpy() for c in SPARSE_COLUMNS], axis=1).astype(np.int64),
         )
 
-    def _epoch_row_batches(
-        self, epoch: int, groups: list[tuple[int, int, int]] | None = None, stream: int = 0
-    ) -> Iterator[_Rows]:
+    def _epoch_row_batches(self, epoch: int, groups: list[RowSlice] | None = None, stream: int = 0) -> Iterator[_Rows]:
         """Batches of ``groups`` (default: this rank's row groups) through a shuffle buffer."""
         batch_size, buffer_rows = self.batch_size, self.shuffle_buffer
         if groups is None:
@@ -204,9 +235,9 @@ class ParquetBatchLoader:
             rng = np.random.default_rng([self.seed, epoch, 1, stream])
         pending: list[_Rows] = []
         pending_rows = 0
-        for i, (file_index, group, rows) in enumerate(groups):
-            pending.append(self._read_group(file_index, group))
-            pending_rows += rows
+        for i, piece in enumerate(groups):
+            pending.append(self._read(piece))
+            pending_rows += piece.rows
             last = i == len(groups) - 1
             if pending_rows < buffer_rows and not last:
                 continue

@@ -90,6 +90,9 @@ class PreprocessConfig:
             raise ValueError(f"split_order must be 'random' or 'sequential', got {self.split_order!r}")
         if self.min_frequency < 1:
             raise ValueError(f"min_frequency must be >= 1, got {self.min_frequency}")
+        for name in ("rows_per_shard", "row_group_rows", "block_bytes"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 class _SplitAssigner:
@@ -384,6 +387,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the random split (default: 0)")
     p.add_argument("--rows-per-shard", type=int, default=2_000_000, help="rows per Parquet file (default: 2000000)")
+    p.add_argument(
+        "--row-group-rows",
+        type=int,
+        default=65_536,
+        help="rows per Parquet row group: the loader reads and shuffles whole row groups and deals them to the "
+        "training streams (default: 65536)",
+    )
     p.add_argument("--block-mb", type=int, default=32, help="MiB of raw text parsed at a time (default: 32)")
     return p
 
@@ -399,6 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
         split_order=args.split_order,
         seed=args.seed,
         rows_per_shard=args.rows_per_shard,
+        row_group_rows=args.row_group_rows,
         block_bytes=args.block_mb << 20,
         test_files=tuple(str(p) for p in args.test),
     )

@@ -264,9 +264,9 @@ def test_streams_lay_their_sub_batches_side_by_side(grouped):
     streams = one._stream_groups
     assert [sorted(g[:2] for g in s) for s in streams] == [sorted(g[:2] for g in s) for s in ranks[0]._stream_groups]
     assert sorted(g[:2] for s in streams for g in s) == [(f, g) for f in range(3) for g in range(GROUPS_PER_SHARD)]
-    assert [sum(n for *_, n in s) for s in streams] == [GROUPED_ROWS // 2] * 2  # equal groups: equal streams
+    assert [sum(p.rows for p in s) for s in streams] == [GROUPED_ROWS // 2] * 2  # equal groups: equal streams
     stream_ids = [
-        np.concatenate([np.arange(GROUP_ROWS) + (f * GROUPS_PER_SHARD + g) * GROUP_ROWS for f, g, _ in s])
+        np.concatenate([np.arange(GROUP_ROWS) + (p.file * GROUPS_PER_SHARD + p.group) * GROUP_ROWS for p in s])
         for s in streams
     ]
     assert len(one) == len(ranks[0]) == len(ranks[1]) == GROUPED_ROWS // 100
@@ -285,7 +285,7 @@ def test_stream_buffers_hold_their_share_of_shuffle_buffer(grouped, shuffle_buff
     batches = list(loader.batches(0))
     ids = _checked_ids(batches, _parquet_rows(grouped, "train"))
     assert sorted(np.concatenate(ids).tolist()) == list(range(GROUPED_ROWS))
-    stream_groups = [{(f * GROUPS_PER_SHARD + g) for f, g, _ in s} for s in loader._stream_groups]
+    stream_groups = [{(p.file * GROUPS_PER_SHARD + p.group) for p in s} for s in loader._stream_groups]
     for v, half in enumerate((slice(0, 50), slice(50, 100))):
         order = np.concatenate([i[half] for i in ids])
         assert set((order // GROUP_ROWS).tolist()) == stream_groups[v]
@@ -319,9 +319,9 @@ def test_streams_deal_row_groups_balanced_by_rows(dataset):
     for streams, batch_size in ((2, 64), (3, 63), (5, 100)):
         loader = ParquetBatchLoader(dataset, "train", batch_size, seed=7, streams=streams)
         dealt = loader._stream_groups
-        assert sorted((f, g) for s in dealt for f, g, _ in s) == sorted({(f, g) for f, g, _ in loader._row_groups})
-        assert sorted(n for s in dealt for *_, n in s) == sorted(sizes)
-        rows = [sum(n for *_, n in s) for s in dealt]
+        assert sorted(p[:2] for s in dealt for p in s) == sorted({p[:2] for p in loader._row_groups})
+        assert sorted(p.rows for s in dealt for p in s) == sorted(sizes)
+        rows = [sum(p.rows for p in s) for s in dealt]
         assert max(rows) - min(rows) <= max(sizes), rows
         assert len(loader) == min(rows) // (batch_size // streams)
         assert loader.num_rows == len(loader) * batch_size
@@ -338,7 +338,7 @@ def test_streams_give_every_world_size_the_same_global_batches(dataset):
     for epoch in (0, 1):
         for whole, *parts in zip(one.batches(epoch), *(r.batches(epoch) for r in ranks), strict=True):
             assert _row_set(whole) == sorted(_row_set(parts[0]) + _row_set(parts[1]))
-    groups = [{(f, g) for v in range(4) if v % 2 == r for f, g, _ in ranks[r]._stream_groups[v]} for r in (0, 1)]
+    groups = [{p[:2] for v in range(4) if v % 2 == r for p in ranks[r]._stream_groups[v]} for r in (0, 1)]
     assert not groups[0] & groups[1]  # each rank reads only its own row groups
     resumed = list(ranks[1].batches(1, start_batch=5))
     assert [_row_set(b) for b in resumed] == [_row_set(b) for b in list(ranks[1].batches(1))[5:]]
@@ -355,7 +355,7 @@ def test_streams_are_shuffled_independently(grouped):
     batches = list(loader.batches(0))
     local = []
     for v, half in enumerate((slice(0, 50), slice(50, 100))):
-        starts = [(f * GROUPS_PER_SHARD + g) * GROUP_ROWS for f, g, _ in loader._stream_groups[v]]
+        starts = [(p.file * GROUPS_PER_SHARD + p.group) * GROUP_ROWS for p in loader._stream_groups[v]]
         position = {start + i: k * GROUP_ROWS + i for k, start in enumerate(starts) for i in range(GROUP_ROWS)}
         local.append([position[i] for b in batches for i in _ids(b)[half].tolist()])
     assert sorted(local[0]) == sorted(local[1]) == list(range(GROUPED_ROWS // 2))
@@ -396,7 +396,47 @@ def test_argument_boundaries(grouped):
             ParquetBatchLoader(grouped, "train", 12, world_size=world_size, streams=streams)
     with pytest.raises(ValueError, match="not divisible"):
         ParquetBatchLoader(grouped, "train", 30, streams=4)  # 4 streams on one rank: sub-batches of 7.5
-    with pytest.raises(ValueError, match="cannot fill"):
-        ParquetBatchLoader(grouped, "train", 13, streams=13)  # 12 row groups
+    with pytest.raises(ValueError, match="2400 rows cannot fill 2402 streams; train with fewer --data-streams"):
+        ParquetBatchLoader(grouped, "train", 2402, streams=2402)  # 12 row groups of 200 rows cut to single rows
     with pytest.raises(FileNotFoundError, match="preprocess"):
         ParquetBatchLoader(grouped / "nowhere", "train", 10)
+
+
+@pytest.mark.parametrize(("streams", "world_size"), [(13, 1), (26, 2), (24, 4)])
+def test_fewer_row_groups_than_streams_are_cut_into_row_ranges(grouped, streams, world_size):
+    """12 row groups, 13 (or 24, 26) streams: each group cut into 2 (or 3) near-equal row ranges, every stream
+    fed, every row dealt once; the ranks of any world size see the 1-process global batches."""
+    parts = -(-streams // 12)
+    batch_size = streams * 2
+    one = ParquetBatchLoader(grouped, "train", batch_size, shuffle_buffer=600, seed=6, streams=streams)
+    pieces = sorted(p for s in one._stream_groups for p in s)
+    assert len(pieces) == 12 * parts and all(s for s in one._stream_groups)
+    for group_pieces in np.split(np.array(pieces), 12):  # per row group: contiguous ranges covering it
+        assert group_pieces[0][2] == 0 and group_pieces[-1][3] == GROUP_ROWS
+        assert (group_pieces[1:, 2] == group_pieces[:-1, 3]).all()
+        sizes = group_pieces[:, 3] - group_pieces[:, 2]
+        assert sizes.max() - sizes.min() <= 1
+    ids = np.concatenate([_ids(b) for b in one.batches(0)])
+    assert len(ids) == len(one) * batch_size and len(np.unique(ids)) == len(ids)  # no row twice
+    np.testing.assert_array_equal(_batch_rows(list(one.batches(0))), _parquet_rows(grouped, "train")[ids])
+    local = batch_size // world_size
+    ranks = [
+        ParquetBatchLoader(
+            grouped, "train", local, shuffle_buffer=600, seed=6, rank=r, world_size=world_size, streams=streams
+        )
+        for r in range(world_size)
+    ]
+    assert all(len(r) == len(one) > 0 for r in ranks)
+    for whole, *rank_parts in zip(one.batches(1), *(r.batches(1) for r in ranks), strict=True):
+        sub_batches = np.split(_ids(whole), streams)
+        for rank, part in enumerate(rank_parts):
+            np.testing.assert_array_equal(_ids(part), np.concatenate(sub_batches[rank::world_size]))
+
+
+def test_cut_slices_covers_each_slice_in_near_equal_ranges():
+    from pipelines.data.loader import RowSlice, cut_slices
+
+    cut = cut_slices([RowSlice(0, 1, 10, 17), RowSlice(2, 0, 0, 2)], 3)
+    assert cut == [RowSlice(0, 1, 10, 12), RowSlice(0, 1, 12, 15), RowSlice(0, 1, 15, 17),
+                   RowSlice(2, 0, 0, 1), RowSlice(2, 0, 1, 2)]  # fmt: skip
+    assert [p.rows for p in cut] == [2, 3, 2, 1, 1]  # 2 rows in 3 parts: the empty range is left out
