@@ -1,8 +1,9 @@
-"""Write a synthetic Criteo-format click log (raw TSV, optionally gzipped).
+"""Write a synthetic Criteo-format click log (raw TSV, optionally gzipped), or a next-item log.
 
 Example::
 
     python -m pipelines.generate --rows 100000 --seed 1 --out data/train.tsv
+    python -m pipelines.generate --kind next-item --users 200000 --items 100000 --out data/seq.txt
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 import pyarrow.csv as pacsv
 from tqdm import tqdm
 
+from pipelines.data.next_item_synthetic import NextItemLogConfig, write_next_item_log
 from pipelines.data.synthetic import SyntheticCriteo, SyntheticCriteoConfig
 from recsys.logs import setup_logging
 from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_SPARSE
@@ -76,9 +78,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m pipelines.generate",
         description="Write a synthetic click log in raw Criteo layout (label, I1..I13, C1..C26; tab "
-        "separated; empty field = missing) with power-law category frequencies and a planted click model.",
+        "separated; empty field = missing) with power-law category frequencies and a planted click model; "
+        "or, with --kind next-item, a next-item log shaped like Amazon Beauty (user item item ...).",
     )
-    p.add_argument("--rows", type=int, required=True, help="number of rows to write")
+    p.add_argument(
+        "--kind",
+        choices=("criteo", "next-item"),
+        default="criteo",
+        help="criteo: a click log of --rows rows; next-item: a sequence log of --users users over --items items "
+        "(default: criteo)",
+    )
+    p.add_argument("--rows", type=int, default=None, help="number of rows to write (--kind criteo; required)")
+    p.add_argument(
+        "--users", type=int, default=22_363, help="users of a next-item log (default: 22363, as Amazon Beauty)"
+    )
+    p.add_argument(
+        "--items", type=int, default=12_101, help="catalogue of a next-item log (default: 12101, as Amazon Beauty)"
+    )
     p.add_argument(
         "--seed", type=int, default=0, help="seed of the rows (files with other seeds share the click model)"
     )
@@ -99,7 +115,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> None:
     setup_logging()
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.kind == "next-item":
+        try:
+            config_seq = NextItemLogConfig(users=args.users, items=args.items, seed=args.seed)
+        except ValueError as exc:
+            parser.error(str(exc))
+        start = time.perf_counter()
+        shape = write_next_item_log(args.out, config_seq, progress=True)
+        log.info(
+            "wrote %d users, %d items, %d interactions to %s in %.1fs",
+            shape["users"],
+            shape["items"],
+            shape["interactions"],
+            args.out,
+            time.perf_counter() - start,
+        )
+        return
+    if args.rows is None:
+        parser.error("--rows is required with --kind criteo")
     config = SyntheticCriteoConfig(
         vocab_sizes=args.vocab_sizes,
         zipf_exponent=args.zipf,
