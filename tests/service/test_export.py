@@ -576,6 +576,24 @@ def test_retrieval_refuses_missing_or_misshapen_tensors_naming_them(dense_retrie
         Retrieval(section, tensors, [c for c in columns if c != "C3"])
 
 
+def test_catalogue_ids_beyond_float_precision_round_trip_through_retrieval(dense_retrieval_export):
+    """Item ids are int64 end to end: ids above 2**53 (hashed item ids), which a float would round, map to their
+    classes and come back out of retrieve() exactly."""
+    from recsys.serving import Retrieval
+
+    manifest = read_manifest(dense_retrieval_export)
+    tensors = read_tensors(dense_retrieval_export, manifest, RETRIEVAL_FILE)
+    plain = Retrieval(manifest["retrieval"], tensors, list(SPARSE_COLUMNS))
+    big = tensors["catalogue.item_ids"] + 2**60  # consecutive ids 2**60 + k: float64 cannot tell them apart
+    retrieval = Retrieval(manifest["retrieval"], {**tensors, "catalogue.item_ids": big}, list(SPARSE_COLUMNS))
+    history = plain.item_ids[:5].tolist()
+    np.testing.assert_array_equal(retrieval.classes_of([i + 2**60 for i in history]), plain.classes_of(history))
+    items, scores = retrieval.retrieve([i + 2**60 for i in history], 50)
+    plain_items, plain_scores = plain.retrieve(history, 50)
+    assert items.dtype == np.int64 and items.tolist() == [i + 2**60 for i in plain_items.tolist()]
+    np.testing.assert_array_equal(scores, plain_scores)
+
+
 def test_recommend_keeps_retrieval_order_within_equal_probabilities(dense_retrieval_export, monkeypatch):
     """Two probability levels over the candidates: each level lists its items in retrieval order (a stable sort)."""
     exported = load_exported(dense_retrieval_export)
