@@ -371,6 +371,9 @@ def build_config(cls: type[T], args: argparse.Namespace, config_file: Path | Non
         if not isinstance(loaded, Mapping):
             raise ValueError(f"{config_file}: expected a mapping of config keys, got {type(loaded).__name__}")
         tree = _unflatten(cls, loaded, str(config_file))
+        for path in _derived(cls):
+            if _has_path(tree, path):
+                raise ValueError(f"{config_file}: {path} is not a setting: the config derives it (see --help)")
     given = vars(args)
     paths = leaf_paths(cls)
     aliases: Mapping[str, Alias] = getattr(cls, "FLAT_ALIASES", {})

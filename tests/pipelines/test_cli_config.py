@@ -133,6 +133,14 @@ def test_lsh_flags_old_and_new_and_the_derived_seed():
     assert (XMCConfig().lsh.learned, XMCConfig().lsh.max_per_bucket) == (True, 128)
 
 
+def test_a_derived_field_in_a_config_file_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("lsh:\n  seed: 3\n")
+    args = xmc_parser().parse_args([*XMC_BASE, "--config", str(path)])
+    with pytest.raises(ValueError, match=r"lsh\.seed is not a setting"):
+        build_config(XMCConfig, args, path)
+
+
 def test_old_dwta_flag_trains_no_projection_and_the_new_one_says_why_it_cannot():
     # (DWTA's 8**K buckets per table: K = 3 here)
     want = LSHConfig(hash="dwta", num_bits=3, learned=False, max_per_bucket=128)
