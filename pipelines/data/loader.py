@@ -63,7 +63,7 @@ def cut_slices(slices: list[RowSlice], parts: int) -> list[RowSlice]:
     """Each slice cut into ``parts`` row ranges of near-equal size (empty ranges left out), in order."""
     out = []
     for piece in slices:
-        bounds = np.linspace(piece.start, piece.stop, parts + 1).round().astype(int)
+        bounds = np.linspace(piece.start, piece.stop, parts + 1).round()
         out += [RowSlice(piece.file, piece.group, int(a), int(b)) for a, b in itertools.pairwise(bounds) if b > a]
     return out
 

@@ -101,7 +101,9 @@ def _candidates(rng: np.random.Generator, context_dense: list, context_sparse: l
     return candidates, dense, sparse
 
 
-def test_rank_sorts_candidates_by_the_training_model_ties_in_request_order(client, tt_trainer, tmp_path):
+def test_rank_sorts_candidates_by_the_training_model_ties_in_request_order(
+    client, tt_retrieval_export, tt_trainer, tmp_path
+):  # fmt: skip
     rng = np.random.default_rng(102)
     (context_dense,), (context_sparse,) = random_rows(rng, 1, hot=5000)
     candidates, dense, sparse = _candidates(rng, context_dense, context_sparse)
@@ -115,6 +117,7 @@ def test_rank_sorts_candidates_by_the_training_model_ties_in_request_order(clien
         body = {"context": context, "candidates": candidates} | ({} if top_k is None else {"top_k": top_k})
         answer = client.post("/v1/rank", json=body)
         assert answer.status_code == 200, answer.text
+        assert answer.json()["model"] == manifest_of(tt_retrieval_export)["version"]
         items = answer.json()["items"]
         assert [item["index"] for item in items] == order[:k].tolist()
         assert [item["id"] for item in items] == [f"item-{i}" for i in order[:k]]
@@ -145,6 +148,43 @@ def test_recommend_equals_offline_retrieval_and_the_training_dlrm(client, next_i
         by_rank = sorted(body["items"], key=lambda item: item["retrieval_rank"])
         assert len({i["retrieval_rank"] for i in by_rank}) == 8 and by_rank[-1]["retrieval_rank"] < retrieved
         assert all(a["retrieval_score"] >= b["retrieval_score"] for a, b in itertools.pairwise(by_rank))
+
+
+def test_recommend_edges_one_or_no_item_retrieved_and_ties_in_retrieval_order(client, tt_retrieval_export, monkeypatch):
+    """top_k may equal candidates; a retrieval of no item or of one is answered as such; equal probabilities
+    keep the retrieval order (a stable sort). The retrieval is replaced where a case needs it."""
+    version = manifest_of(tt_retrieval_export)["version"]
+    served = client.app.state.store.current
+    real_retrieve = served.retrieval.retrieve
+    history = served.retrieval.item_ids[:5].tolist()
+    context = {"dense": [1] * 13, "sparse": ["68fd1e64"] * 26}
+
+    def recommend(top_k: int, candidates: int) -> dict:
+        body = {"context": context, "history": history, "top_k": top_k, "candidates": candidates}
+        answer = client.post("/v1/recommend", json=body)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    body = recommend(8, 8)
+    assert len(body["items"]) == 8 and body["retrieved"] == 8 and body["model"] == version
+
+    monkeypatch.setattr(served.retrieval, "retrieve", lambda h, n: (np.empty(0, np.int64), np.empty(0)))
+    assert recommend(5, 10) == {"items": [], "retrieved": 0, "model": version}
+
+    first_items, first_scores = real_retrieve(history, 10)
+    monkeypatch.setattr(served.retrieval, "retrieve", lambda h, n: (first_items[:1], first_scores[:1]))
+    body = recommend(5, 10)
+    assert body["retrieved"] == 1 and body["model"] == version
+    assert [(i["id"], i["retrieval_rank"]) for i in body["items"]] == [(int(first_items[0]), 0)]
+
+    monkeypatch.setattr(served.retrieval, "retrieve", real_retrieve)
+    items, _ = real_retrieve(history, 100)
+    assert len(items) > 32  # enough ties that an unstable sort reorders some
+    level = np.where(np.random.default_rng(107).random(len(items)) < 0.5, 0.6, 0.3)
+    monkeypatch.setattr(served, "predict", lambda dense, ids: level[: len(dense)].copy())
+    body = recommend(len(items), 100)
+    expected = [int(i) for i in items[level == 0.6]] + [int(i) for i in items[level == 0.3]]
+    assert [i["id"] for i in body["items"]] == expected and body["model"] == version
 
 
 def test_recommend_refusals(client, dense_export):
@@ -310,6 +350,18 @@ def test_reload_swaps_versions_and_refuses_a_damaged_export(
         scores_of(client, "new")
         reloads = {dict(k)["result"]: v for k, v in samples(client, "recsys_model_reloads_total").items()}
         assert reloads == {"loaded": 2.0, "refused": 1.0}
+
+
+def test_a_refused_reload_with_no_model_served_says_nothing_is_served(tt_run, tmp_path):
+    target = tmp_path / "served"
+    export_checkpoint(tt_run, target, version="old")
+    with TestClient(create_app(Settings(model=target))) as client:
+        client.app.state.store.current = None  # as after a failed first load
+        _damage(target, "newer")
+        refused = client.post("/v1/admin/reload")
+    assert refused.status_code == 409, refused.text
+    message = refused.json()["message"]
+    assert message.startswith("the export was refused (") and message.endswith("); still serving nothing")
 
 
 def test_metrics_count_every_request_by_route_and_status(dense_export):
