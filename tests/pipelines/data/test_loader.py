@@ -440,3 +440,34 @@ def test_cut_slices_covers_each_slice_in_near_equal_ranges():
     assert cut == [RowSlice(0, 1, 10, 12), RowSlice(0, 1, 12, 15), RowSlice(0, 1, 15, 17),
                    RowSlice(2, 0, 0, 1), RowSlice(2, 0, 1, 2)]  # fmt: skip
     assert [p.rows for p in cut] == [2, 3, 2, 1, 1]  # 2 rows in 3 parts: the empty range is left out
+    whole = [RowSlice(0, 1, 10, 17), RowSlice(2, 0, 0, 2)]
+    assert cut_slices(whole, 1) == whole  # one part: the slices themselves
+
+
+@pytest.fixture(scope="module")
+def one_group(tmp_path_factory, grouped):
+    """The ``grouped`` train split's first shard written again as a single row group, and an empty split."""
+    out = tmp_path_factory.mktemp("one_group")
+    table = pq.read_table(grouped / "train" / "part-00000.parquet")
+    (out / "train").mkdir()
+    pq.write_table(table, out / "train" / "part-00000.parquet", row_group_size=table.num_rows)
+    assert pq.ParquetFile(out / "train" / "part-00000.parquet").num_row_groups == 1
+    shards = [{"file": "train/part-00000.parquet", "rows": table.num_rows}]
+    splits = {"train": {"rows": table.num_rows, "shards": shards}, "validation": {"rows": 0, "shards": []}}
+    (out / METADATA_FILE).write_text(json.dumps({"format_version": FORMAT_VERSION, "splits": splits}))
+    return out
+
+
+@pytest.mark.parametrize("streams", [2, 3])
+def test_a_single_row_group_is_cut_for_every_stream(one_group, streams):
+    rows = GROUP_ROWS * GROUPS_PER_SHARD
+    loader = ParquetBatchLoader(one_group, "train", 6 * streams, shuffle=False, streams=streams)
+    dealt = sorted(sum(p.rows for p in s) for s in loader._stream_groups)
+    assert dealt == sorted(rows // streams + (v < rows % streams) for v in range(streams))  # near-equal ranges
+    ids = np.concatenate([_ids(b) for b in loader.batches(0)])
+    assert len(ids) == len(loader) * 6 * streams and len(np.unique(ids)) == len(ids)
+
+
+def test_an_empty_split_cannot_fill_streams(one_group):
+    with pytest.raises(ValueError, match="0 rows cannot fill 2 streams"):
+        ParquetBatchLoader(one_group, "validation", 4, streams=2)
