@@ -160,6 +160,22 @@ def test_load_refuses_a_checkpoint_without_trainer_state(tmp_path):
     assert latest_checkpoint(tmp_path) is None
 
 
+def test_without_a_process_group_saving_runs_no_collective(tmp_path, monkeypatch):
+    """A plain single-process run has no process group: saving asks no world size and waits at no barrier (torch
+    raises for both without a group). Patched, since an earlier test may have left this process a group of one."""
+
+    def no_group(*args, **kwargs):
+        raise RuntimeError("Default process group has not been initialized")
+
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    for name in ("get_world_size", "get_rank", "barrier"):
+        monkeypatch.setattr(dist, name, no_group)
+    path = save_checkpoint(tmp_path, 1, _state(1), {"step": 1})
+    state = _state(2)
+    assert load_checkpoint(path, state) == {"step": 1}
+    _assert_states_equal(state, _state(1))
+
+
 def test_rank_zero_of_a_process_group_publishes_the_checkpoint(tmp_path):
     """Under torch.distributed only rank 0 writes the trainer state and renames; here a group of one.
 
