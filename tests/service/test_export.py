@@ -576,6 +576,42 @@ def test_retrieval_refuses_missing_or_misshapen_tensors_naming_them(dense_retrie
         Retrieval(section, tensors, [c for c in columns if c != "C3"])
 
 
+def _rewritten(export: Path, out: Path, change) -> Path:
+    """A copy of ``export`` whose manifest ``change(manifest)`` edited, signed again (so only the check under
+    test can refuse it)."""
+    import shutil
+
+    shutil.copytree(export, out)
+    manifest = json.loads((export / MANIFEST_FILE).read_text())
+    change(manifest)
+    text = json.dumps(manifest, indent=2).encode()
+    (out / MANIFEST_FILE).write_bytes(text)
+    (out / MANIFEST_DIGEST_FILE).write_text(sha256_bytes(text) + "\n")
+    return out
+
+
+def test_recorded_tt_shapes_must_be_the_rebuilt_ones(tt_export, tmp_path):
+    """The manifest records each TT table's shapes; code that rebuilds other shapes refuses the export, naming
+    the table and the field, whichever table it is (also after dense ones) and when the table is not built at all."""
+    tables = read_manifest(tt_export)["tables"]
+    tt_names = [n for n, e in tables.items() if e["kind"] == "tt"]
+    dense_names = [n for n, e in tables.items() if e["kind"] != "tt"]
+    assert tt_names and dense_names
+    load_exported(_rewritten(tt_export, tmp_path / "same", lambda m: None))  # re-signed, unchanged: loads
+    for key in ("p_shapes", "q_shapes", "ranks"):
+
+        def bump(manifest: dict, key: str = key) -> None:
+            ordered = {n: manifest["tables"][n] for n in [*dense_names, *tt_names]}  # a TT table after dense ones
+            ordered[tt_names[-1]] = {**ordered[tt_names[-1]], key: [v + 1 for v in ordered[tt_names[-1]][key]]}
+            manifest["tables"] = ordered
+
+        with pytest.raises(ExportFormatError, match=rf"table {tt_names[-1]}: {key} .* rebuilt, .* exported"):
+            load_exported(_rewritten(tt_export, tmp_path / key, bump))
+    extra = lambda m: m["tables"].update({"C99": {**m["tables"][tt_names[0]]}})  # noqa: E731
+    with pytest.raises(ExportFormatError, match=r"table C99: p_shapes None rebuilt"):
+        load_exported(_rewritten(tt_export, tmp_path / "extra", extra))
+
+
 def test_catalogue_ids_beyond_float_precision_round_trip_through_retrieval(dense_retrieval_export):
     """Item ids are int64 end to end: ids above 2**53 (hashed item ids), which a float would round, map to their
     classes and come back out of retrieve() exactly."""
