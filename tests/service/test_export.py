@@ -460,6 +460,13 @@ def test_smaller_cores_are_stored_smaller(core_dtype, tt_run, tt_export, tmp_pat
     fp32 = read_manifest(tt_export)
     assert manifest["compression"]["table_bytes"] < fp32["compression"]["table_bytes"]
     assert exported.manifest["core_dtype"] == core_dtype
+    # the served model holds the stored cores dequantized (by hand here), the other tensors as stored
+    assert exported.path == tmp_path / core_dtype
+    served = exported.model.state_dict()
+    for name, value in _stored_cores_by_hand(tmp_path / core_dtype).items():
+        torch.testing.assert_close(served[name], value, rtol=0, atol=0)
+    others = [k for k in stored if ".tt_cores." not in k and not k.endswith(".scale") and k in served]
+    assert others and all(torch.equal(served[k], stored[k]) for k in others)
 
 
 def test_an_auc_drop_above_the_limit_is_refused(tt_run, tmp_path):
