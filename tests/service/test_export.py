@@ -619,6 +619,19 @@ def test_recorded_tt_shapes_must_be_the_rebuilt_ones(tt_export, tmp_path):
         load_exported(_rewritten(tt_export, tmp_path / "extra", extra))
 
 
+def test_the_served_table_report_is_the_exported_one(tt_export):
+    """Kind, rows, bytes and dense bytes of every table as the serving model computes them equal what the export
+    recorded from the training model (dense bytes: float32 rows x width)."""
+    manifest = read_manifest(tt_export)
+    served = load_exported(tt_export).model.table_report()
+    width = manifest["model"]["dlrm"]["embedding_dim"]
+    for name, entry in manifest["tables"].items():
+        mine = served[f"t_{name}"]
+        assert mine["dense_bytes"] == mine["rows"] * width * 4 == entry["dense_bytes"], name
+        assert {k: mine[k] for k in ("kind", "rows", "bytes")} == {k: entry[k] for k in ("kind", "rows", "bytes")}
+    assert {e["kind"] for e in manifest["tables"].values()} == {"tt", "dense"}
+
+
 def test_catalogue_ids_beyond_float_precision_round_trip_through_retrieval(dense_retrieval_export):
     """Item ids are int64 end to end: ids above 2**53 (hashed item ids), which a float would round, map to their
     classes and come back out of retrieve() exactly."""
