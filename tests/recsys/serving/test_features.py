@@ -130,3 +130,14 @@ def test_dense_values_must_be_integers_of_at_most_18_digits():
     for bad in (limit + 1, -limit - 1, True, 2.0, "7"):
         with pytest.raises(ValueError, match=r"^rows\[1\]\.dense\[4\]: .* is not an integer of at most 18 digits"):
             encoder.encode([[1] * 13, [1, 1, 1, 1, bad] + [1] * 8], sparse)
+
+
+def test_a_hash_mapping_needs_rows_beyond_the_reserved_ones():
+    """Rows 0 and 1 are reserved (missing, out of vocabulary): max_index 2 leaves no row to hash into."""
+    from recsys.serving.criteo import NUM_RESERVED_INDICES
+    from recsys.serving.features import HashMapping
+
+    for max_index in (NUM_RESERVED_INDICES - 1, NUM_RESERVED_INDICES):
+        with pytest.raises(ValueError, match="max_index must exceed"):
+            HashMapping(max_index)
+    assert HashMapping(NUM_RESERVED_INDICES + 1).num_embeddings == NUM_RESERVED_INDICES + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 
 import pytest
@@ -10,12 +11,15 @@ import torch
 
 from recsys.serving.format import (
     CORE_DTYPES,
+    MANIFEST_DIGEST_FILE,
+    MANIFEST_FILE,
     SCALE_SUFFIX,
     ExportFormatError,
     compressed_table_bytes,
     dequantize,
     finite_or_none,
     quantize,
+    read_manifest,
     sha256_bytes,
 )
 
@@ -79,3 +83,13 @@ def test_sha256_and_json_safe_metrics():
     assert sha256_bytes(data) == hashlib.sha256(data).hexdigest()
     assert finite_or_none(math.nan) is None and finite_or_none(math.inf) is None
     assert finite_or_none(0.75) == 0.75 and finite_or_none(3) == 3 and finite_or_none("x") == "x"
+
+
+@pytest.mark.parametrize("content", [{"format": "other-format", "format_version": 2}, ["not", "a", "mapping"]])
+def test_a_signed_manifest_of_another_format_is_refused(tmp_path, content):
+    """The sha256 matches (the file is intact) but it is not our manifest: refused as such, not half-read."""
+    text = json.dumps(content).encode()
+    (tmp_path / MANIFEST_FILE).write_bytes(text)
+    (tmp_path / MANIFEST_DIGEST_FILE).write_text(sha256_bytes(text) + "\n")
+    with pytest.raises(ExportFormatError, match=r"not a .* manifest"):
+        read_manifest(tmp_path)
