@@ -112,6 +112,7 @@ def _replica(rank: int, world: int, store_path: str, out_dir: str) -> None:
         layer.weight.grad /= world
         opt.step()
     torch.save(layer.state_dict(), f"{out_dir}/rank{rank}.pt")
+    dist.barrier()  # neither rank tears its group down while the other may still use it (a gloo abort under load)
     dist.destroy_process_group()
 
 
