@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
+from recsys.serving.criteo import DENSE_COLUMNS, MISSING_INDEX, NUM_RESERVED_INDICES, OOV_INDEX, SPARSE_COLUMNS
 from recsys.serving.features import FeatureEncoder
 
 
@@ -141,3 +141,30 @@ def test_a_hash_mapping_needs_rows_beyond_the_reserved_ones():
         with pytest.raises(ValueError, match="max_index must exceed"):
             HashMapping(max_index)
     assert HashMapping(NUM_RESERVED_INDICES + 1).num_embeddings == NUM_RESERVED_INDICES + 1
+
+
+def test_a_frequency_vocabulary_keeps_frequent_keys_most_frequent_first():
+    """By hand: keys seen at least min_frequency times (the boundary kept), by decreasing count, ties by key,
+    capped at max_size; stored as uint32."""
+    from recsys.serving.features import VocabMapping
+
+    keys = np.array([70, 10, 30, 50, 20, 40], dtype=np.int64)
+    counts = np.array([2, 5, 1, 5, 3, 2])
+    vocab = VocabMapping.from_counts(keys, counts, min_frequency=2)
+    assert vocab.keys.tolist() == [10, 50, 20, 40, 70]  # 5, 5 (tie: smaller key), 3, 2, 2 (tie); 30 dropped
+    assert vocab.keys.dtype == np.uint32 and vocab.num_embeddings == NUM_RESERVED_INDICES + 5
+    assert VocabMapping.from_counts(keys, counts, min_frequency=2, max_size=3).keys.tolist() == [10, 50, 20]
+    assert VocabMapping.from_counts(keys, counts, min_frequency=6).keys.tolist() == []
+
+
+def test_a_frequency_vocabulary_maps_keys_to_their_rank_and_the_rest_to_reserved_rows():
+    from recsys.serving.features import VocabMapping
+
+    vocab = VocabMapping(keys=np.array([50, 10, 20], dtype=np.uint32))
+    values = np.array([10, 20, 50, 99, 10, 0], dtype=np.uint32)
+    missing = np.array([False, False, False, False, True, False])
+    assert vocab(values, missing).tolist() == [3, 4, 2, OOV_INDEX, MISSING_INDEX, OOV_INDEX]
+    single = VocabMapping(keys=np.array([7], dtype=np.uint32))  # one key: searchsorted past it must not match
+    assert single(np.array([7, 8, 6], dtype=np.uint32), np.zeros(3, bool)).tolist() == [2, OOV_INDEX, OOV_INDEX]
+    empty = VocabMapping(keys=np.array([], dtype=np.uint32))
+    assert empty(values, missing).tolist() == [OOV_INDEX] * 4 + [MISSING_INDEX, OOV_INDEX]

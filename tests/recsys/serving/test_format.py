@@ -93,3 +93,30 @@ def test_a_signed_manifest_of_another_format_is_refused(tmp_path, content):
     (tmp_path / MANIFEST_DIGEST_FILE).write_text(sha256_bytes(text) + "\n")
     with pytest.raises(ExportFormatError, match=r"not a .* manifest"):
         read_manifest(tmp_path)
+
+
+def _leftovers(parent) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith("."))
+
+
+def test_write_export_creates_parents_replaces_atomically_and_leaves_nothing_behind(tmp_path):
+    """A nested new target is created; a second write replaces it; stale temporary and old directories of a
+    crashed earlier write (same process id) are cleared; a failed write leaves the previous export and no
+    temporary directory."""
+    import os
+
+    from recsys.serving.format import write_export
+
+    target = tmp_path / "a" / "b" / "export"
+    tensors = {"t.safetensors": {"x": torch.arange(4.0)}}
+    write_export(target, tensors, {"format": "f", "version": "1"})
+    assert json.loads((target / MANIFEST_FILE).read_text())["version"] == "1"
+    for stale in (f".export.old-{os.getpid()}", f".export.tmp-{os.getpid()}"):  # a crash left them
+        (target.parent / stale).mkdir()
+        (target.parent / stale / "junk").write_text("x")
+    write_export(target, tensors, {"format": "f", "version": "2"})
+    assert json.loads((target / MANIFEST_FILE).read_text())["version"] == "2"
+    assert _leftovers(target.parent) == []
+    with pytest.raises(AttributeError):  # not a tensor: fails while writing the files
+        write_export(target, {"t.safetensors": {"x": "not a tensor"}}, {"format": "f", "version": "3"})
+    assert json.loads((target / MANIFEST_FILE).read_text())["version"] == "2" and _leftovers(target.parent) == []
