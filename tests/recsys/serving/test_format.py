@@ -117,6 +117,8 @@ def test_write_export_creates_parents_replaces_atomically_and_leaves_nothing_beh
     write_export(target, tensors, {"format": "f", "version": "2"})
     assert json.loads((target / MANIFEST_FILE).read_text())["version"] == "2"
     assert _leftovers(target.parent) == []
+    write_export(target, tensors, {"format": "f", "version": "2"})  # and a plain replace, nothing stale
+    assert _leftovers(target.parent) == []
     with pytest.raises(AttributeError):  # not a tensor: fails while writing the files
         write_export(target, {"t.safetensors": {"x": "not a tensor"}}, {"format": "f", "version": "3"})
     assert json.loads((target / MANIFEST_FILE).read_text())["version"] == "2" and _leftovers(target.parent) == []
