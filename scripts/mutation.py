@@ -10,7 +10,7 @@ equivalent), and prints, per module, the score the team tracks::
 
 Usage (from the repository root; the modules and the tests are set in ``[tool.mutmut]`` of pyproject.toml)::
 
-    .venv/bin/python scripts/mutation.py run                   # every core module (about an hour here)
+    .venv/bin/python scripts/mutation.py run                   # every core module (about two hours here)
     .venv/bin/python scripts/mutation.py run kernels.tt_cache  # one module (mutmut name globs work too)
     .venv/bin/python scripts/mutation.py run --survivors       # after adding tests: re-check the last survivors
     .venv/bin/python scripts/mutation.py report                # the table from the last run, and the survivors
