@@ -34,7 +34,7 @@ class DLRMConfig:
         embedding_dim: width of every embedding table (and of the dense arch's output).
         dense_arch: layer sizes of the bottom MLP over the 13 dense features; the last
             must equal ``embedding_dim`` (DLRM interacts it with the embeddings).
-        over_arch: layer sizes of the top MLP; the last must be 1 (one logit).
+        over_arch: layer sizes of the top MLP, two or more (torchrec's ``OverArch``); the last must be 1 (one logit).
         interaction: ``dot`` (DLRM's pairwise dot products) or ``dcn`` (DCN-v2 cross layers).
         dcn_layers / dcn_low_rank: depth and rank of the DCN cross net.
     """
@@ -53,8 +53,8 @@ class DLRMConfig:
             raise ValueError(
                 f"dense_arch must end with embedding_dim={self.embedding_dim}, got {list(self.dense_arch)}"
             )
-        if not self.over_arch or self.over_arch[-1] != 1:
-            raise ValueError(f"over_arch must end with 1, got {list(self.over_arch)}")
+        if len(self.over_arch) < 2 or self.over_arch[-1] != 1:  # torchrec's OverArch needs two layers or more
+            raise ValueError(f"over_arch must have at least two layers and end with 1, got {list(self.over_arch)}")
         if self.interaction not in ("dot", "dcn"):
             raise ValueError(f"interaction must be 'dot' or 'dcn', got {self.interaction!r}")
 

@@ -212,3 +212,13 @@ def test_every_numeric_field_is_a_flag_that_sets_what_it_names():
         checked.append(path)
     assert invalid == ["model.embedding_dim"], invalid  # 3 is not the dense arch's last size
     assert {"tt.num_cores", "tt.learning_rate", "model.dcn_low_rank", "embedding_lr", "batch_size"} <= set(checked)
+
+
+def test_the_over_arch_needs_two_layers_as_torchrec_does():
+    from torchrec.models.dlrm import OverArch
+
+    with pytest.raises(ValueError, match="multiple layers"):
+        OverArch(8, [1])  # the rule the config states early, with the flag's name
+    with pytest.raises(ValueError, match="over_arch must have at least two layers"):
+        _train(["--model.over-arch", "1"])
+    assert _train(["--model.over-arch", "4,1"]).model.over_arch == (4, 1)
