@@ -50,7 +50,8 @@ class SmyrfAttention(Attention):
         super().__init__(causal, head_dim)
         if bucket_size is not None and cluster_size is not None and bucket_size != cluster_size:
             raise ValueError(f"smyrf: bucket_size {bucket_size} and cluster_size {cluster_size} name one size")
-        cluster_size = cluster_size or bucket_size or 32
+        if cluster_size is None:
+            cluster_size = 32 if bucket_size is None else bucket_size
         if cluster_size < 1 or n_hashes < 1:
             raise ValueError(f"cluster_size and n_hashes must be >= 1, got {cluster_size}, {n_hashes}")
         self.cluster_size, self.n_hashes, self.dedupe = cluster_size, n_hashes, dedupe

@@ -53,6 +53,8 @@ def test_shared_options_are_a_subset_of_what_each_method_takes_or_dropped():
         ("reformer", {"n_bits": 4}, r"'reformer' does not take \['n_bits'\].*n_buckets"),
         ("yoso", {"cluster_size": 8}, r"'yoso' does not take \['cluster_size'\].*n_bits"),
         ("smyrf", {"bucket_size": 8, "cluster_size": 16}, "name one size"),
+        ("smyrf", {"bucket_size": 0}, "cluster_size and n_hashes must be >= 1, got 0"),
+        ("reformer", {"bucket_size": 0}, "bucket_size and n_hashes must be >= 1, got 0"),
         ("yoso", {"causal": True}, "causal=True is not supported"),
         ("nope", {}, "unknown attention 'nope'"),
     ],
