@@ -112,8 +112,7 @@ class LearnedLSHAttention(LazyModuleMixin, ReformerAttention):
             self.head_dim = int(self.hash_rotations.shape[0])
 
     def rotations(self, dim: int, n_buckets: int, like: torch.Tensor) -> torch.Tensor:
-        if dim != self.head_dim:
-            raise ValueError(f"learned_lsh: head_dim is {self.head_dim}, got vectors of width {dim}")
+        """The learnt rotations (``Attention.forward`` has checked ``dim`` against ``head_dim``)."""
         return self.hash_rotations.to(like.dtype)
 
     def hash_optimizer(self) -> torch.optim.Optimizer:
