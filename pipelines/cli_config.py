@@ -213,7 +213,7 @@ def _add_flag(
 
 
 def _walk(cls: type, default: Any = None, prefix: str = ""):
-    """``(path, field type, default value, help, owner class)`` of every leaf field, nested configs flattened.
+    """``(path, field type, default value, help)`` of every leaf field, nested configs flattened.
 
     Defaults are the fields' own (a nested config's from the field's default instance), not those a config
     resolves in ``__post_init__``: ``--help`` shows ``None`` where a value follows another flag.
@@ -226,7 +226,7 @@ def _walk(cls: type, default: Any = None, prefix: str = ""):
         if _is_config(tp):
             yield from _walk(tp, value, path + ".")
         else:
-            yield path, tp, value, field_help(cls).get(f.name, ""), cls
+            yield path, tp, value, field_help(cls).get(f.name, "")
 
 
 def _derived(cls: type) -> frozenset[str]:
@@ -256,7 +256,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     """
     groups: dict[str, argparse._ActionsContainer] = {}
     derived = _derived(cls)
-    for path, tp, value, help_text, _owner in _walk(cls):
+    for path, tp, value, help_text in _walk(cls):
         if path in derived:
             continue
         section = path.rpartition(".")[0]
@@ -303,6 +303,15 @@ def _has_path(tree: Mapping, path: str) -> bool:
     return True
 
 
+def _pop_path(tree: dict, path: str) -> None:
+    """Remove ``path`` from the nested ``tree`` if it is there."""
+    if _has_path(tree, path):
+        *parents, leaf = path.split(".")
+        for part in parents:
+            tree = tree[part]
+        del tree[leaf]
+
+
 def _unflatten(cls: type, values: Mapping[str, Any], source: str, strict: bool = True) -> dict:
     """A record (nested sections, flat keys of earlier versions, or both) as a nested dict of current fields."""
     aliases: Mapping[str, Alias] = getattr(cls, "FLAT_ALIASES", {})
@@ -329,14 +338,8 @@ def config_from_dict(cls: type[T], values: Mapping[str, Any], source: str = "con
     records written by other versions) are logged and left out.
     """
     tree = _unflatten(cls, values, source, strict)
-    derived = _derived(cls)
-    for path in derived:
-        if _has_path(tree, path):  # a stored record holds the derived value; the config sets it again
-            *parents, leaf = path.split(".")
-            node = tree
-            for part in parents:
-                node = node[part]
-            del node[leaf]
+    for path in _derived(cls):  # a stored record holds the derived value; the config sets it again
+        _pop_path(tree, path)
     return _build(cls, tree, source)
 
 
