@@ -119,11 +119,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.kind == "next-item":
         try:
-            config_seq = NextItemLogConfig(users=args.users, items=args.items, seed=args.seed)
+            log_config = NextItemLogConfig(users=args.users, items=args.items, seed=args.seed)
         except ValueError as exc:
             parser.error(str(exc))
         start = time.perf_counter()
-        shape = write_next_item_log(args.out, config_seq, progress=True)
+        shape = write_next_item_log(args.out, log_config, progress=True)
         log.info(
             "wrote %d users, %d items, %d interactions to %s in %.1fs",
             shape["users"],
