@@ -96,6 +96,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--items", type=int, default=12_101, help="catalogue of a next-item log (default: 12101, as Amazon Beauty)"
     )
     p.add_argument(
+        "--popularity-exponent",
+        type=float,
+        default=NextItemLogConfig.popularity_exponent,
+        help="item popularity ~ rank^-exponent of a next-item log (default: 0.67, as Amazon Beauty; larger = a "
+        "heavier head)",
+    )
+    p.add_argument(
         "--seed", type=int, default=0, help="seed of the rows (files with other seeds share the click model)"
     )
     p.add_argument("--out", type=Path, required=True, help="output file; a .gz suffix writes gzip")
@@ -119,7 +126,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.kind == "next-item":
         try:
-            log_config = NextItemLogConfig(users=args.users, items=args.items, seed=args.seed)
+            log_config = NextItemLogConfig(
+                users=args.users, items=args.items, popularity_exponent=args.popularity_exponent, seed=args.seed
+            )
         except ValueError as exc:
             parser.error(str(exc))
         start = time.perf_counter()

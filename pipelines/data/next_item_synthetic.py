@@ -67,6 +67,8 @@ class NextItemLogConfig:
             raise ValueError(f"users must be >= 1 and items >= 2, got {self.users}, {self.items}")
         if not 0 <= self.complement_prob + self.category_prob <= 1 or min(self.complement_prob, self.category_prob) < 0:
             raise ValueError("complement_prob and category_prob must be >= 0 and sum to at most 1")
+        if self.popularity_exponent < 0:
+            raise ValueError(f"popularity_exponent must be >= 0, got {self.popularity_exponent}")
         if self.categories < 0 or self.complements < 1 or self.home_categories < 1:
             raise ValueError("categories must be >= 0, complements and home_categories >= 1")
         if self.max_length < 5 or self.length_median <= 0 or self.length_sigma < 0:

@@ -74,6 +74,7 @@ def run(config: NextItemConfig, data_path: Path, out_dir: Path, progress: bool =
     n_val, n_test = splits["validation"][1].numel(), splits["test"][1].numel()
     log.info("%d users, %d items; %d train examples, %d validation, %d test users",
              log_data.num_users, log_data.num_items, train_tgt.numel(), n_val, n_test)  # fmt: skip
+    config = config.for_catalogue(log_data.num_items)
     encoder = HistoryEncoder(log_data.num_items, config.max_len, config.item_dim, config.hidden, config.dropout)
     model = EncoderWithOutput(encoder, build_output_layer(config, log_data.num_items)).to(device)
 

@@ -19,7 +19,7 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar, Literal
+from typing import ClassVar, Literal, Self
 
 import torch
 
@@ -46,11 +46,12 @@ class OutputLayerConfig:
     lr: float = field(default=1e-3, metadata=_help("Adam learning rate of the encoder"))
     output_lr: float = field(default=0.05, metadata=_help("Adagrad learning rate of the output weight"))
     lsh: LSHConfig = field(
-        default_factory=lambda: LSHConfig(learned=True, max_per_bucket=128),
+        default_factory=LSHConfig,
         metadata=_help(
-            "the LSH output layer (with --output-layer lsh); the commands train the projection (MONGOOSE) and read "
-            "at most 128 classes per bucket, which caps the cost of the skewed buckets learned hashing can grow "
-            "(measured on Amazon Beauty in docs/lsh_output.md); its seed is --seed"
+            "the LSH output layer (with --output-layer lsh), on the layer's own defaults: random SimHash (learned "
+            "hashing, --lsh.learned, gave a lower Recall@10 on every next-item log in docs/lsh_output.md); "
+            "bits, sample size and bucket read cap left unset are sized to the catalogue (LSHConfig.resolved) and "
+            "the resolved values are what the run records; its seed is --seed"
         ),
     )
     max_steps: int = field(default=0, metadata=_help("stop after this many steps (0 = all epochs)"))
@@ -88,6 +89,10 @@ class OutputLayerConfig:
             raise ValueError(f"lr and output_lr must be positive, got {self.lr}, {self.output_lr}")
         object.__setattr__(self, "lsh", replace(self.lsh, seed=self.seed))
 
+    def for_catalogue(self, num_classes: int) -> Self:
+        """This config with the LSH options it leaves unset sized to ``num_classes`` (what the run records)."""
+        return replace(self, lsh=self.lsh.resolved(num_classes))
+
     def torch_device(self) -> torch.device:
         if self.device == "auto":
             return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -95,8 +100,11 @@ class OutputLayerConfig:
 
 
 def build_output_layer(config: OutputLayerConfig, num_classes: int) -> LSHOutputLayer | FullSoftmaxOutput:
+    """The layer ``config.output_layer`` names (pass ``config.for_catalogue(num_classes)`` to record its options)."""
     if config.output_layer == "lsh":
-        return LSHOutputLayer(config.hidden, num_classes, config.lsh)
+        layer = LSHOutputLayer(config.hidden, num_classes, config.lsh)
+        log.info("output layer: %s", layer.extra_repr())  # the resolved options, which the flags may leave unset
+        return layer
     return FullSoftmaxOutput(config.hidden, num_classes, seed=config.seed)
 
 
@@ -106,6 +114,18 @@ def build_optimizers(model: EncoderWithOutput, config: OutputLayerConfig) -> lis
         torch.optim.Adam(model.encoder.parameters(), lr=config.lr),
         torch.optim.Adagrad([model.output.weight], lr=config.output_lr),
     ]
+
+
+EPOCH_LSH_STATS = (
+    "label_recall_in_sample",
+    "label_recall_own_bucket",
+    "bucket_size_max",
+    "entries_beyond_cap",
+    "mean_drift",
+    "hash_updates",
+    "rebuilds",
+)
+"""The LSH layer's statistics recorded with every epoch's validation (``lsh_<name>`` in the history)."""
 
 
 class OutputLayerTask(ModelTask):
@@ -149,8 +169,25 @@ class OutputLayerTask(ModelTask):
         return value, rows
 
     def validate(self, epochs_done: int) -> dict:
+        """The validation metrics, and for the LSH layer its statistics over the epoch (``lsh_`` keys).
+
+        Why per epoch: a layer that degrades as it trains (learned buckets growing skewed, the
+        label recall of the sample falling) shows here before it shows in the test metrics.
+        """
         self.model.eval()
-        return {"epoch": epochs_done, **self._validate()}
+        record = {"epoch": epochs_done, **self._validate()}
+        output = self.model.output
+        if isinstance(output, LSHOutputLayer):
+            window = output.window_stats()
+            record.update({f"lsh_{name}": window[name] for name in EPOCH_LSH_STATS})
+            log.info(
+                "epoch %d LSH: label recall in sample %.3f (own bucket %.3f), bucket size mean %.1f max %d, "
+                "%.1f%% of entries past the read cap, drift %.3f, projection updates %d, rebuilds %d",
+                epochs_done, window["label_recall_in_sample"], window["label_recall_own_bucket"],
+                window["bucket_size_mean"], window["bucket_size_max"], 100 * window["entries_beyond_cap"],
+                window["mean_drift"], window["hash_updates"], window["rebuilds"],
+            )  # fmt: skip
+        return record
 
 
 def train_output_layer(

@@ -91,6 +91,7 @@ def run(config: XMCConfig, data_path: Path, test_path: Path | None, train_rows: 
     log.info("%d train, %d validation, %d test points; %d features, %d labels",
              train.num_points, val.num_points, test.num_points, train.num_features, train.num_labels)  # fmt: skip
 
+    config = config.for_catalogue(train.num_labels)
     encoder = SparseFeatureEncoder(train.num_features, config.encoder_width, config.hidden, config.dropout)
     model = EncoderWithOutput(encoder, build_output_layer(config, train.num_labels)).to(device)
     is_lsh = config.output_layer == "lsh"

@@ -148,7 +148,8 @@ def _collision_probability_by_hand(cosine: torch.Tensor, bits: int, tables: int)
 
 def _logq_layer_and_batch(seed: int, multi_label: bool, logq: bool = True):
     """A layer with several buckets and a batch whose rows lie near their (first) label's weight."""
-    config = LSHConfig(num_tables=LOGQ_TABLES, num_bits=LOGQ_BITS, sample_size=LOGQ_SAMPLE, logq=logq, seed=seed)
+    config = LSHConfig(num_tables=LOGQ_TABLES, num_bits=LOGQ_BITS, sample_size=LOGQ_SAMPLE, logq=logq, seed=seed,
+                       max_per_bucket=0, per_query_quota=False)  # all colliding classes, batch-wide  # fmt: skip
     layer = LSHOutputLayer(LOGQ_DIM, LOGQ_CLASSES, config).double()
     layer.rebuild()  # codes of the float64 weights under the float64 projection
     g = torch.Generator().manual_seed(100 + seed)

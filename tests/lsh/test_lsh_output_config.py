@@ -56,7 +56,7 @@ def test_num_bits_range_and_the_total_bucket_limit():
 def test_dwta_is_accepted_with_its_own_bucket_count_and_rejects_what_it_cannot_do():
     config = LSHConfig(hash="dwta", num_tables=3, num_bits=3, dwta_bin_size=5)
     assert config.num_buckets == 5**3  # base bin_size: one digit per winner
-    assert LSHConfig(hash="dwta", dwta_bin_size=2).num_buckets == 2**8  # the smallest bin is allowed
+    assert LSHConfig(hash="dwta", dwta_bin_size=2, num_bits=8).num_buckets == 2**8  # the smallest bin is allowed
     assert LSHConfig(num_bits=5, dwta_bin_size=3).num_buckets == 2**5  # SimHash ignores the bin size
     for bad in ({"learned": True}, {"logq": True}, {"dwta_bin_size": 1}):
         with pytest.raises(ValueError, match="dwta"):
@@ -144,7 +144,12 @@ def test_different_seeds_give_different_weights_projections_and_fingerprints():
 
 def test_extra_repr_names_sizes_tables_bits_and_budget():
     layer = LSHOutputLayer(6, 40, LSHConfig(num_tables=3, num_bits=2, sample_size=17))
-    assert repr(layer).startswith("LSHOutputLayer(\n  6, 40, L=3, K=2, S=17\n")
+    assert repr(layer).startswith(
+        "LSHOutputLayer(\n  6, 40, L=3, K=2, S=17, max_per_bucket=128, per_query_quota=True, hash=simhash, "
+        "learned=False\n"
+    )
+    uncapped = LSHOutputLayer(6, 40, LSHConfig(num_tables=3, num_bits=2, max_per_bucket=0, per_query_quota=False))
+    assert "S=2048, max_per_bucket=all, per_query_quota=False" in repr(uncapped)
 
 
 # -- the full-softmax baseline ---------------------------------------------------------------------------------------

@@ -21,9 +21,10 @@ from tests.lsh.test_lsh_output_drift import simhash_by_hand
 KEYS = {
     "steps", "label_recall_in_sample", "label_recall_own_bucket", "retrieved_per_step", "sample_per_step",
     "mean_drift", "rebuilds", "full_rebuilds", "partial_rebuilds", "hash_trainings", "hash_updates",
-    "total_rebuilds", "drift", "max_drift", "bucket_size_mean", "bucket_size_max", "bucket_histogram", "config",
+    "total_rebuilds", "drift", "max_drift", "bucket_size_mean", "bucket_size_max", "entries_beyond_cap",
+    "bucket_histogram", "config",
 }  # fmt: skip
-COUNTERS = KEYS - {"bucket_size_mean", "bucket_size_max", "bucket_histogram", "config"}
+COUNTERS = KEYS - {"bucket_size_mean", "bucket_size_max", "entries_beyond_cap", "bucket_histogram", "config"}
 
 
 def _collisions_by_hand(layer: LSHOutputLayer, hidden: torch.Tensor) -> torch.Tensor:
@@ -39,7 +40,7 @@ def test_fresh_stats_are_zero_and_name_every_figure():
     stats = layer.stats()
     assert set(stats) == KEYS
     assert all(stats[key] == 0 for key in COUNTERS), stats
-    assert stats["config"] == dataclasses.asdict(config)
+    assert stats["config"] == {**dataclasses.asdict(config), "max_per_bucket": 128}  # the resolved config
     assert stats["bucket_size_mean"] == 40 * 2 / 16 and stats["bucket_size_max"] == int(layer.offsets.diff().max())
 
 
@@ -56,7 +57,8 @@ def test_one_step_with_one_label():
 def test_stats_accumulate_per_step_figures_counted_by_hand(monkeypatch):
     """Over several steps (tables fixed): classes retrieved (in some row's bucket), labels in their own row's
     bucket, classes sampled -- summed by hand and divided by the steps / labels."""
-    config = LSHConfig(num_tables=3, num_bits=5, sample_size=50, schedule="fixed", rebuild_period=1000, seed=3)
+    config = LSHConfig(num_tables=3, num_bits=5, sample_size=50, schedule="fixed", rebuild_period=1000, seed=3,
+                       max_per_bucket=0, per_query_quota=False)  # fmt: skip
     layer = LSHOutputLayer(8, 200, config)
     drawn = _record_selection(monkeypatch)
     g = torch.Generator().manual_seed(8)

@@ -124,13 +124,14 @@ def test_lsh_flags_old_and_new_and_the_derived_seed():
                 "--lsh.hash-margin", "0.3", "--seed", "7"])  # fmt: skip
     want = XMCConfig(
         seed=7,
-        lsh=LSHConfig(num_tables=4, num_bits=6, sample_size=99, learned=False, hash_margin=0.3, max_per_bucket=128),
+        lsh=LSHConfig(num_tables=4, num_bits=6, sample_size=99, learned=False, hash_margin=0.3),
     )
     assert new == old == want
     assert want.lsh.seed == 7  # the layer's seed is the run's
     assert "--lsh.seed" not in xmc_parser().format_help()
-    # the commands' own LSH defaults: learned projection, 128 classes read per bucket
-    assert (XMCConfig().lsh.learned, XMCConfig().lsh.max_per_bucket) == (True, 128)
+    # the commands run the layer's own defaults: bits, sample and read cap follow the catalogue
+    assert XMCConfig().lsh == LSHConfig()
+    assert XMCConfig().for_catalogue(670_000).lsh == LSHConfig().resolved(670_000)
 
 
 def test_a_derived_field_in_a_config_file_is_refused(tmp_path):
@@ -143,11 +144,11 @@ def test_a_derived_field_in_a_config_file_is_refused(tmp_path):
 
 def test_old_dwta_flag_trains_no_projection_and_the_new_one_says_why_it_cannot():
     # (DWTA's 8**K buckets per table: K = 3 here)
-    want = LSHConfig(hash="dwta", num_bits=3, learned=False, max_per_bucket=128)
+    want = LSHConfig(hash="dwta", num_bits=3, learned=False)
     assert _xmc(["--lsh-hash", "dwta", "--lsh-bits", "3"]).lsh == want
     with pytest.raises(ValueError, match="supports neither learned"):
-        _xmc(["--lsh.hash", "dwta", "--lsh.num-bits", "3"])
-    assert _xmc(["--lsh.hash", "dwta", "--lsh.num-bits", "3", "--no-lsh.learned"]).lsh == want
+        _xmc(["--lsh.hash", "dwta", "--lsh.num-bits", "3", "--lsh.learned"])
+    assert _xmc(["--lsh.hash", "dwta", "--lsh.num-bits", "3"]).lsh == want
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import pytest
 
 from recsys.serving.criteo import DENSE_COLUMNS, MISSING_INDEX, NUM_RESERVED_INDICES, OOV_INDEX, SPARSE_COLUMNS
 from recsys.serving.features import FeatureEncoder
+from recsys.serving.format import ExportFormatError
 
 
 def _encoder(kind: str) -> FeatureEncoder:
@@ -105,6 +106,23 @@ def test_empty_and_one_key_vocabularies():
     assert empty.map_columns(values, np.zeros(3, bool), np.zeros(3, np.int64)).dtype == np.int64
     one = FeatureEncoder(base, {c: np.array([7], np.uint32) for c in SPARSE_COLUMNS})
     np.testing.assert_array_equal(one.map_columns(values, np.zeros(3, bool), np.array([4, 4, 9])), [1, 2, 1])
+
+
+def test_a_frequency_encoder_names_the_columns_without_a_vocabulary():
+    base = {"dense_features": list(DENSE_COLUMNS), "sparse_features": list(SPARSE_COLUMNS), "vocab": "freq"}
+    vocabularies = {c: np.array([3, 1], np.uint32) for c in SPARSE_COLUMNS if c not in ("C4", "C20")}
+    with pytest.raises(ExportFormatError, match=r"no vocabulary for columns \['C4', 'C20'\]"):
+        FeatureEncoder(base, vocabularies)
+
+
+@pytest.mark.parametrize("kind", ["hash", "freq"])
+def test_an_encoder_without_sparse_columns_maps_nothing(kind):
+    """A dense-only export: no tables, and an empty request maps to an empty int64 array."""
+    features = {"dense_features": list(DENSE_COLUMNS), "sparse_features": [], "vocab": kind, "max_index": []}
+    encoder = FeatureEncoder(features, {})
+    assert encoder.vocab_sizes == {} and encoder.mappings == []
+    ids = encoder.map_columns(np.empty(0, np.uint32), np.empty(0, bool), np.empty(0, np.int64))
+    assert ids.dtype == np.int64 and ids.shape == (0,)
 
 
 def test_small_inputs_decode_as_the_arrow_path_does():
