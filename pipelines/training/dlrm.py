@@ -82,6 +82,13 @@ class TrainConfig:
     tt_cache_refresh: int = field(
         default=500, metadata=_help("refill the LFU caches from the row frequencies every N steps")
     )
+    tt_cache_warmup: int = field(
+        default=50,
+        metadata=_help(
+            "first fill of the LFU caches after N steps (or --tt-cache-refresh, if sooner), then every "
+            "--tt-cache-refresh steps: a few dozen batches of counts already name the hot rows"
+        ),
+    )
     data_streams: int = field(
         default=0,
         metadata=_help(
@@ -119,8 +126,11 @@ class TrainConfig:
             raise ValueError(f"dense_optimizer must be one of {sorted(DENSE_OPTIMIZERS)}")
         if self.embedding_lr <= 0 or self.dense_lr <= 0:
             raise ValueError("learning rates must be positive")
-        if self.tt_cache_refresh < 1:
-            raise ValueError(f"tt_cache_refresh must be >= 1, got {self.tt_cache_refresh}")
+        if self.tt_cache_refresh < 1 or self.tt_cache_warmup < 1:
+            raise ValueError(
+                f"tt_cache_refresh and tt_cache_warmup must be >= 1, got {self.tt_cache_refresh}, "
+                f"{self.tt_cache_warmup}"
+            )
         # the TT cores follow the other tables' optimizer unless set: resolved here, so records hold the values
         object.__setattr__(self, "tt", self.tt.following(self.embedding_optimizer, self.embedding_lr))
 
@@ -135,6 +145,17 @@ class TrainConfig:
             select_best=self.select_best,
             best_metric="auc",
         )
+
+
+def cache_fill_due(step: int, warmup: int, refresh: int) -> bool:
+    """Whether the LFU caches are (re)filled after ``step``: first at ``min(warmup, refresh)``, then every ``refresh``.
+
+    Why a warm-up: filling only at ``refresh`` (500 steps by default) left a short run with an empty
+    cache and a hit rate of 0, while a few dozen batches of counts already name the hot rows. A
+    function of the step alone, so every rank and a resumed run fill at the same steps.
+    """
+    first = min(warmup, refresh)
+    return step >= first and (step - first) % refresh == 0
 
 
 class Trainer:
@@ -283,7 +304,8 @@ class Trainer:
 
     def after_step(self, step: int) -> None:
         cfg = self.config
-        if self.tt_collection is not None and cfg.tt.cache_size and step % cfg.tt_cache_refresh == 0:
+        due = cache_fill_due(step, cfg.tt_cache_warmup, cfg.tt_cache_refresh)
+        if self.tt_collection is not None and cfg.tt.cache_size and due:
             self.tt_collection.cache_populate()
 
     def _restore(self, path: Path) -> dict:

@@ -19,7 +19,7 @@ from pipelines.data.generate import generate_tsv
 from pipelines.data.loader import ParquetBatchLoader
 from pipelines.data.preprocess import PreprocessConfig, Preprocessor, load_metadata
 from pipelines.data.synthetic import SyntheticCriteo
-from pipelines.training.dlrm import TrainConfig, Trainer, build_parser
+from pipelines.training.dlrm import TrainConfig, Trainer, build_parser, cache_fill_due
 from pipelines.training.evaluate import binary_metrics
 from recsys.baselines import LogisticCTR
 from recsys.configs import DLRMConfig, TTConfig
@@ -202,6 +202,26 @@ def test_tt_dlrm_learns_the_planted_signal_and_reports_its_tables(synthetic_data
     assert "compression" in out and "TT cache hit rate" in out and "tt [" in out
     print(f"TT DLRM val AUC {metrics['val_auc']:.4f} ({metrics['compression_ratio']:.1f}x smaller), "
           f"dense {dense['val_auc']:.4f}")  # fmt: skip
+
+
+def test_cache_fills_after_the_warmup_then_every_refresh():
+    def fills(warmup: int, refresh: int, steps: int = 200) -> list[int]:
+        return [step for step in range(1, steps + 1) if cache_fill_due(step, warmup, refresh)]
+
+    assert fills(50, 500, 1200) == [50, 550, 1050]  # the defaults: a 70-step run is filled once
+    assert fills(50, 40) == [40, 80, 120, 160, 200]  # a refresh sooner than the warm-up: as before the warm-up
+    assert fills(1, 1, 5) == [1, 2, 3, 4, 5]
+    with pytest.raises(ValueError, match="tt_cache_warmup must be >= 1"):
+        TrainConfig(tt_cache_warmup=0)
+
+
+def test_a_short_tt_run_fills_its_cache_and_reports_hits(synthetic_data, tmp_path):
+    """70 steps with the default refresh (500): the warm-up fill at step 50 gives the last 20 steps cache hits."""
+    config = _tt_config(max_steps=70, tt_cache_refresh=TrainConfig().tt_cache_refresh)
+    assert (config.tt_cache_warmup, config.tt_cache_refresh) == (50, 500)
+    metrics = Trainer(config, synthetic_data, tmp_path / "tt", progress=False).run()
+    (cache,) = [c for c in metrics["cache"].values() if "t_C3" in c["tables"]]
+    assert cache["occupancy"] == 1.0 and cache["hit_rate"] > 0
 
 
 @pytest.mark.slow
