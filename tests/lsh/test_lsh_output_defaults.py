@@ -103,6 +103,11 @@ def test_entries_beyond_cap_counted_by_hand():
     layer = LSHOutputLayer(4, 200, LSHConfig(num_tables=2, num_bits=1, max_per_bucket=30))
     sizes = layer.offsets.diff()  # 4 buckets holding 400 entries: each well over 30
     assert layer.stats()["entries_beyond_cap"] == pytest.approx(float((sizes - 30).clamp(min=0).sum()) / 400)
+    mixed = LSHOutputLayer(4, 200, LSHConfig(num_tables=2, num_bits=3, max_per_bucket=30, seed=1))
+    sizes = mixed.offsets.diff().tolist()  # 16 buckets: some over the cap, some under it
+    assert min(sizes) < 30 < max(sizes)
+    beyond = sum(size - 30 for size in sizes if size > 30)
+    assert mixed.stats()["entries_beyond_cap"] == pytest.approx(beyond / 400)
     uncapped = LSHOutputLayer(4, 200, LSHConfig(num_tables=2, num_bits=1, max_per_bucket=0))
     assert uncapped.stats()["entries_beyond_cap"] == 0.0
 

@@ -215,7 +215,8 @@ def _logq_loss_by_hand(layer: LSHOutputLayer, hidden, sample, retrieved: int, la
 
 def test_logq_when_the_budget_has_no_room_for_uniform_draws(monkeypatch):
     """More retrieved classes than the budget: no class is drawn uniformly, ``q`` is the collision probability."""
-    config = LSHConfig(num_tables=3, num_bits=7, sample_size=40, logq=True, schedule="fixed", seed=1)
+    config = LSHConfig(num_tables=3, num_bits=7, sample_size=40, logq=True, schedule="fixed", seed=1,
+                       max_per_bucket=0, per_query_quota=False)  # every colliding class counted  # fmt: skip
     layer = LSHOutputLayer(16, 600, config).double()
     layer.rebuild()
     g = torch.Generator().manual_seed(101)
@@ -232,7 +233,8 @@ def test_logq_when_the_last_unretrieved_class_fills_the_budget(monkeypatch):
     """Two buckets; the batch (no labels) falls in the bucket of all classes but class 0, the budget is the whole
     catalog: ``S - retrieved = C - retrieved = 1``, class 0 is drawn with certainty (``uniform = 1``), so ``q = 1``
     for every column and the corrected loss is the plain one."""
-    config = LSHConfig(num_tables=1, num_bits=1, sample_size=8, logq=True, schedule="fixed", seed=3)
+    config = LSHConfig(num_tables=1, num_bits=1, sample_size=8, logq=True, schedule="fixed", seed=3,
+                       max_per_bucket=0, per_query_quota=False)  # every colliding class counted  # fmt: skip
     layer = LSHOutputLayer(4, 8, config).double()
     g = torch.Generator().manual_seed(5)
     direction = F.normalize(layer.projection[:, 0], dim=0)
