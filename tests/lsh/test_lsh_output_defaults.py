@@ -42,7 +42,14 @@ def test_resolved_bits_give_buckets_of_about_32_classes_and_stay_in_range(classe
     assert bits == best
     assert 1 <= bits <= MAX_BITS
     sample = LSHConfig().resolved(classes).sample_size
-    assert sample == min(max(classes // 16, 2048), 8192)
+    assert sample == min(max(classes // 16, 2048), 8192) and isinstance(sample, int)
+
+
+def test_the_sample_size_is_a_whole_number_of_classes():
+    """100,003 / 16 = 6250.19: the sample holds 6,250 classes (and the run's JSON record an integer)."""
+    config = LSHConfig().resolved(100_003)
+    assert config.sample_size == 6250 and type(config.sample_size) is int
+    assert json.loads(json.dumps(dataclasses.asdict(config)))["sample_size"] == 6250
 
 
 def test_dwta_bits_count_winners_of_its_bin_size():
