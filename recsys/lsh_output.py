@@ -177,8 +177,8 @@ class LSHConfig:
           scored (the exact softmax); from 32K classes the sample grows with the catalogue (each query
           keeps ``S / B`` candidates) until the ``(B, S)`` matmul, not the tables, would dominate the step.
 
-        Measured at 670K classes (``python -m bench.lsh_output``): 18.6x faster than the full softmax,
-        label recall in the sample 0.947 (docs/lsh_output.md). Options already set are kept.
+        Measured at 670K classes (``python -m bench.lsh_output``): 20.5x faster than the full softmax,
+        label recall in the sample 0.953 (docs/lsh_output.md). Options already set are kept.
         """
         if num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
