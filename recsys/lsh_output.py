@@ -90,11 +90,11 @@ class LSHConfig:
     """How the layer hashes, samples, learns its hash and rebuilds. Validated where it is made."""
 
     num_tables: int = 16  # L: hash tables
-    num_bits: int | None = None  # K bits per table (SimHash) or winners per table (DWTA); None = sized to the catalogue
+    num_bits: int | None = None  # K bits per table (SimHash) or winners per table (DWTA); unset = sized to the classes
     hash: Literal["simhash", "dwta"] = "simhash"  # hash family: SimHash (signed projections) or DWTA
     dwta_bin_size: int = 8  # coordinates compared by one DWTA hash
-    sample_size: int | None = None  # S: classes scored per training step (labels + LSH + uniform); None = sized
-    max_per_bucket: int | None = None  # read at most this many entries of a bucket per query (0 = all); None = sized
+    sample_size: int | None = None  # S: classes scored per step (labels + LSH + uniform); unset = sized to the classes
+    max_per_bucket: int | None = None  # entries read from a bucket per query (0 = all); unset = sized to the classes
     per_query_quota: bool = True  # each query keeps its best S/B candidates, instead of batch-wide counts
     logq: bool = False  # subtract log(inclusion probability) from the sampled logits
     learned: bool = False  # MONGOOSE: train the projection with a triplet loss
