@@ -155,10 +155,6 @@ class LSHConfig:
     def _hash_base(self) -> int:
         return self.dwta_bin_size if self.hash == "dwta" else 2
 
-    @property
-    def is_resolved(self) -> bool:
-        return None not in (self.num_bits, self.sample_size, self.max_per_bucket)
-
     def resolved(self, num_classes: int) -> LSHConfig:
         """This config with every option left ``None`` sized to a catalogue of ``num_classes`` classes.
 
@@ -185,7 +181,7 @@ class LSHConfig:
         changes: dict[str, int] = {}
         if self.num_bits is None:
             limit = min(MAX_BITS, int(math.log(MAX_TABLE_ENTRIES / self.num_tables, self._hash_base) + 1e-9))
-            bits = round(math.log(max(num_classes / CLASSES_PER_BUCKET, 1.0), self._hash_base))
+            bits = round(math.log(num_classes / CLASSES_PER_BUCKET, self._hash_base))  # < 0 below 32 classes
             changes["num_bits"] = max(1, min(bits, limit))
         if self.max_per_bucket is None:
             changes["max_per_bucket"] = BUCKET_READ_CAP
@@ -620,7 +616,7 @@ class LSHOutputLayer(nn.Module):
         sched, cap = self.scheduler, self.config.max_per_bucket
         steps, labels = max(s["steps"], 1), max(s["labels"], 1)
         sizes = self.offsets.diff().double()
-        beyond_cap = float((sizes - cap).clamp(min=0).sum() / sizes.sum().clamp(min=1)) if cap else 0.0
+        beyond_cap = float((sizes - cap).clamp(min=0).sum() / sizes.sum()) if cap else 0.0  # C * L >= 1 entries
         rebuilds, full_rebuilds = sched.rebuilds - base[0], int(sched.full_rebuilds) - base[1]
         return {
             "steps": s["steps"],
@@ -639,7 +635,7 @@ class LSHOutputLayer(nn.Module):
             "max_drift": float(sched.max_drift),
             "bucket_size_mean": float(sizes.mean()),
             "bucket_size_max": int(sizes.max()),
-            "entries_beyond_cap": beyond_cap,  # table entries no query can read (past max_per_bucket)
+            "entries_beyond_cap": beyond_cap,  # share of entries in buckets over max_per_bucket a query does not read
             "bucket_histogram": self.bucket_histogram(),
             "config": asdict(self.config),
         }
