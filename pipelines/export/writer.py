@@ -7,8 +7,9 @@ Example::
         --core-dtype int8 --evaluate
 
 What goes in (``recsys.serving`` describes the layout): the model tensors of the
-checkpoint (MLPs, dense tables, TT cores with their shapes, and the TT LFU cache rows so the
-served rows are the trained ones; not the optimizer state nor the frequency counts), the
+checkpoint (MLPs, dense tables, TT cores with their shapes, and the occupied slots of the TT LFU
+cache so the served rows are the trained ones, or none with ``--cache flush``, see
+``pipelines.export.cache``; not the optimizer state nor the frequency counts), the
 model config, the feature config (dense transform, hash moduli or frequency vocabularies
 from the data directory's ``metadata.json`` / ``vocab.npz``), bytes and compression per
 table, the run's metrics, and a sha256 per file. Written atomically: a crash leaves the
@@ -26,7 +27,7 @@ projection and weights, not its training-only state), its config and the item ca
 ``--core-dtype fp16|int8`` stores the TT cores smaller (int8: one float32 scale per core
 row). With ``--evaluate`` (default on when the cores are not fp32) the export scores the
 validation and test splits with the fp32 and the stored model and refuses to write when the
-AUC drops by more than ``--max-auc-drop``.
+AUC drops by more than ``--max-auc-drop``. The bytes per table and in all count every tensor stored.
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from pipelines.cli_config import config_from_dict, config_to_dict
 from pipelines.data.loader import ParquetBatchLoader, sparse_ids
 from pipelines.data.preprocess import VOCAB_FILE, load_metadata
+from pipelines.export.cache import CACHE_POLICIES, CacheExport, prepare_caches, shipped_tensor, table_bytes, tt_groups
+from pipelines.report import human_bytes
 from pipelines.training.checkpoint import TRAINER_STATE_FILE, latest_checkpoint
 from pipelines.training.dlrm import TrainConfig
 from pipelines.training.evaluate import binary_metrics
@@ -62,10 +65,10 @@ from recsys.serving import (
     SCALE_SUFFIX,
     FeatureEncoder,
     build_model,
-    compressed_table_bytes,
-    dequantize,
     finite_or_none,
+    model_from_tensors,
     quantize,
+    read_manifest,
     serving_state_keys,
     sha256_bytes,
     tt_core_names,
@@ -153,18 +156,37 @@ def _vocabularies(data_dir: Path, metadata: dict) -> dict[str, np.ndarray]:
         return {name: archive[name].astype(np.uint32) for name in metadata["sparse_features"]}
 
 
-def table_section(model: InferenceDLRM, core_dtype: str) -> dict:
-    """Per table: kind, rows, bytes stored in the export, bytes as a dense table, compression."""
+def table_section(model: InferenceDLRM, tensors: dict[str, torch.Tensor], core_dtype: str) -> dict:
+    """Per table: kind, rows, bytes stored in the export (every tensor that holds it), dense bytes, compression."""
+    parts = table_bytes(model, tensors)
     tables = {}
     for name, entry in model.table_report().items():
-        dense_bytes = entry["dense_bytes"]
-        stored = compressed_table_bytes(entry, core_dtype) if entry["kind"] == "tt" else entry["bytes"]
-        row = {"kind": entry["kind"], "rows": entry["rows"], "bytes": stored, "dense_bytes": dense_bytes}
+        stored = sum(v for part, v in parts[name].items() if part != "cache_rows")
+        row = {"kind": entry["kind"], "rows": entry["rows"], "bytes": stored, "dense_bytes": entry["dense_bytes"]}
         if entry["kind"] == "tt":
             row |= {k: entry[k] for k in ("p_shapes", "q_shapes", "ranks")} | {"core_dtype": core_dtype}
-        row["compression"] = round(dense_bytes / stored, 3)
+            row |= {"core_bytes": parts[name]["cores"], "cache_rows": parts[name]["cache_rows"]}
+            row["cache_bytes"] = parts[name]["cache"]
+        row["compression"] = round(entry["dense_bytes"] / stored, 3)
         tables[name.removeprefix("t_")] = row
     return tables
+
+
+def compression_section(tables: dict, tensors: dict[str, torch.Tensor]) -> dict:
+    """Bytes of the embedding tables as stored (every tensor: dense tables, cores, scales, cache rows) vs dense."""
+    stored = sum(t["bytes"] for t in tables.values())
+    dense = sum(t["dense_bytes"] for t in tables.values())
+    tt = [t for t in tables.values() if t["kind"] == "tt"]
+    return {
+        "embedding_bytes": stored,
+        "table_bytes": stored,  # the name of format 2's first exports
+        "tt_core_bytes": sum(t["core_bytes"] for t in tt),
+        "cache_bytes": sum(t["cache_bytes"] for t in tt),
+        "dense_weight_bytes": sum(t["bytes"] for t in tables.values() if t["kind"] != "tt"),
+        "dense_table_bytes": dense,
+        "ratio": round(dense / stored, 3),
+        "model_file_tensor_bytes": sum(t.numel() * t.element_size() for t in tensors.values()),
+    }
 
 
 def retrieval_export(run: Path, item_column: str, sparse_columns: list[str]) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -237,14 +259,20 @@ def export_checkpoint(
     version: str | None = None,
     retrieval: Path | None = None,
     item_column: str | None = None,
+    cache: str = "occupied",
 ) -> dict:
     """Export ``checkpoint`` (or a run directory's) to ``out``; returns the manifest written.
+
+    ``cache``: what is kept of a TT model's LFU cache (``pipelines.export.cache``): its occupied
+    slots, or nothing after writing them back into the cores (``flush``, evaluated by default).
 
     ``retrieval`` (a ``pipelines.train_next_item`` run) with ``item_column`` adds the model of
     ``/v1/recommend``.
     """
     if core_dtype not in CORE_DTYPES:
         raise ValueError(f"core_dtype must be one of {CORE_DTYPES}, got {core_dtype!r}")
+    if cache not in CACHE_POLICIES:
+        raise ValueError(f"--cache must be one of {CACHE_POLICIES}, got {cache!r}")
     start = time.perf_counter()
     checkpoint = resolve_checkpoint(checkpoint)
     trainer_state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
@@ -273,30 +301,41 @@ def export_checkpoint(
         retrieval_section, retrieval_tensors = retrieval_export(retrieval, item_column, encoder.sparse_columns)
 
     section = model_section(config)
-    model = build_model(section, encoder.vocab_sizes, len(encoder.dense_columns))
+    num_dense = len(encoder.dense_columns)
+    model = build_model(section, encoder.vocab_sizes, num_dense)
     stored = load_checkpoint_tensors(checkpoint)
     keys = serving_state_keys(model)
     missing = [k for k in keys if k not in stored]
     if missing:
         raise ValueError(f"{checkpoint}: the checkpoint lacks {missing[:5]} (of {len(missing)}) the model needs")
-    model.load_state_dict({k: stored[k] for k in keys}, strict=False)
-    tensors = {k: stored[k] for k in keys}
+    # the frequency counts too: a write-back weighs the rows by them
+    model.load_state_dict({k: v for k, v in stored.items() if k in model.state_dict()}, strict=False)
 
-    cores = set(tt_core_names(model))
+    has_cache = any(g.use_cache for g in tt_groups(model).values())
+    if evaluate is None:  # on when what is stored is not what was trained: smaller cores, written-back rows
+        evaluate = bool(tt_groups(model)) and (core_dtype != "fp32" or (cache == "flush" and has_cache))
+    trained_metrics = _evaluate_splits(model, data_dir) if evaluate else None
+    trained_cache_size = section["tt"]["cache_size"] if section["embeddings"] == "tt" else 0
+    caches = prepare_caches(model, cache, trained_cache_size)
+    if section["embeddings"] == "tt":
+        section = {**section, "tt": {**section["tt"], "cache_size": caches.cache_size}}
+    exported_layout = build_model(section, encoder.vocab_sizes, num_dense)
+    state = model.state_dict()
+    tensors = {k: shipped_tensor(k, state[k], caches) for k in serving_state_keys(exported_layout)}
+    cores = set(tt_core_names(exported_layout))
     if core_dtype != "fp32":
         for name in cores:
             parts = quantize(tensors[name], core_dtype)
             tensors[name] = parts[""]
             if SCALE_SUFFIX in parts:
                 tensors[name + SCALE_SUFFIX] = parts[SCALE_SUFFIX]
-    if evaluate is None:
-        evaluate = core_dtype != "fp32" and bool(cores)
     export_eval = None
     if evaluate:
-        export_eval = _evaluate_storage(model, tensors, cores, data_dir, core_dtype, max_auc_drop)
+        served = model_from_tensors(section, encoder.vocab_sizes, num_dense, tensors, "the export")
+        export_eval = _gate(trained_metrics, _evaluate_splits(served, data_dir), core_dtype, caches, max_auc_drop)
 
-    model_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    tables = table_section(model, core_dtype)
+    tables = table_section(exported_layout, tensors, core_dtype)
+    compression = compression_section(tables, tensors)
     manifest = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -307,14 +346,8 @@ def export_checkpoint(
         "features": features,
         "core_dtype": core_dtype if cores else None,
         "tables": tables,
-        "compression": {
-            "table_bytes": sum(t["bytes"] for t in tables.values()),
-            "dense_table_bytes": sum(t["dense_bytes"] for t in tables.values()),
-            "ratio": round(
-                sum(t["dense_bytes"] for t in tables.values()) / sum(t["bytes"] for t in tables.values()), 3
-            ),
-            "model_file_tensor_bytes": model_bytes,
-        },
+        "compression": compression,
+        "cache": caches.to_manifest() if has_cache else None,
         "metrics": _metrics_at_export(run_metrics, trainer_state, export_eval),
         "training_config": config,
         "retrieval": retrieval_section,  # the next-item encoder + LSH output layer of /v1/recommend, if any
@@ -325,13 +358,21 @@ def export_checkpoint(
     if vocabularies:
         files[FEATURES_FILE] = {name: torch.from_numpy(keys_) for name, keys_ in vocabularies.items()}
     write_export(out, files, manifest)
+    manifest = read_manifest(out)  # with the bytes and sha256 of every file
     log.info(
-        "wrote %s (version %s): tables %.1f MiB stored, %.1fx smaller than dense, in %.1fs",
+        "wrote %s (version %s) in %.1fs: embedding tables %s stored (TT cores %s %s, cache %d rows %s, dense "
+        "tables %s), %.1fx smaller than dense; files %s",
         out,
         manifest["version"],
-        manifest["compression"]["table_bytes"] / 2**20,
-        manifest["compression"]["ratio"],
         time.perf_counter() - start,
+        human_bytes(compression["embedding_bytes"]),
+        human_bytes(compression["tt_core_bytes"]),
+        core_dtype,
+        sum(t.get("cache_rows", 0) for t in tables.values()),
+        human_bytes(compression["cache_bytes"]),
+        human_bytes(compression["dense_weight_bytes"]),
+        compression["ratio"],
+        human_bytes(sum(f["bytes"] for f in manifest["files"].values())),
     )
     return manifest
 
@@ -344,30 +385,36 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return sha256_bytes("\n".join(parts).encode())
 
 
-def _evaluate_storage(model, tensors, cores, data_dir: Path, core_dtype: str, max_auc_drop: float) -> dict:
-    """AUC of the fp32 model and of the model with the stored cores, on validation and test."""
-    result: dict = {"core_dtype": core_dtype}
+def _evaluate_splits(model: InferenceDLRM, data_dir: Path) -> dict:
+    return {split: evaluate_model(model, data_dir, split) for split in ("validation", "test")}
+
+
+def _gate(trained: dict, exported: dict, core_dtype: str, caches: CacheExport, max_auc_drop: float) -> dict:
+    """AUC / log loss of the model as trained and as exported (the loader's model), per split; refuses a drop.
+
+    What differs between them: cores stored as ``core_dtype``, and cached rows written back into the
+    cores under ``--cache flush``; both are approximations of the trained tables.
+    """
+    changes = [f"--core-dtype {core_dtype}"] if core_dtype != "fp32" else []
+    if caches.rows_written_back:
+        changes.append(f"--cache flush ({caches.rows_written_back} rows written back)")
+    result: dict = {"core_dtype": core_dtype, "cache": caches.policy}
     for split in ("validation", "test"):
-        result[f"{split}_fp32"] = evaluate_model(model, data_dir, split)
-    if cores and core_dtype != "fp32":
-        state = {k: dequantize(tensors[k], tensors.get(k + SCALE_SUFFIX)) for k in cores}
-        original = {k: v.clone() for k, v in model.state_dict().items() if k in cores}
-        model.load_state_dict(state, strict=False)
-        for split in ("validation", "test"):
-            result[f"{split}_{core_dtype}"] = evaluate_model(model, data_dir, split)
-        model.load_state_dict(original, strict=False)
-        for split in ("validation", "test"):
-            before, after = result[f"{split}_fp32"], result[f"{split}_{core_dtype}"]
-            if before is None or before["auc"] is None or after["auc"] is None:
-                continue
-            drop = before["auc"] - after["auc"]
-            result[f"{split}_auc_drop"] = drop
-            log.info("%s AUC: fp32 %.5f, %s %.5f (drop %.5f)", split, before["auc"], core_dtype, after["auc"], drop)
-            if drop > max_auc_drop:
-                raise ValueError(
-                    f"--core-dtype {core_dtype} lowers the {split} AUC by {drop:.5f} > --max-auc-drop {max_auc_drop}; "
-                    "export with a wider --core-dtype"
-                )
+        before, after = trained[split], exported[split]
+        result[f"{split}_trained"], result[f"{split}_exported"] = before, after
+        if before is None or before["auc"] is None or after["auc"] is None:
+            continue
+        drop = before["auc"] - after["auc"]
+        result[f"{split}_auc_drop"] = drop
+        log.info("%s AUC: trained %.5f, exported %.5f (drop %.5f)", split, before["auc"], after["auc"], drop)
+        if drop > max_auc_drop:
+            remedies = (["a wider --core-dtype"] if core_dtype != "fp32" else []) + (
+                ["--cache occupied"] if caches.rows_written_back else []
+            )
+            raise ValueError(
+                f"the export ({', '.join(changes) or 'as trained'}) lowers the {split} AUC by {drop:.5f} > "
+                f"--max-auc-drop {max_auc_drop}; export with {' or '.join(remedies + ['a larger --max-auc-drop'])}"
+            )
     return result
 
 
@@ -422,14 +469,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--evaluate",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="score the validation and test splits with the fp32 and the stored model and record the AUCs "
-        "(default: on when --core-dtype is not fp32)",
+        help="score the validation and test splits with the model as trained and as stored and record the AUCs "
+        "(default: on when --core-dtype is not fp32 or --cache flush writes rows back)",
     )
     p.add_argument(
         "--max-auc-drop",
         type=float,
         default=0.001,
-        help="with evaluation: refuse to export when the stored cores lower the AUC by more than this",
+        help="with evaluation: refuse to export when the stored model (smaller cores, written-back cache rows) "
+        "lowers the AUC by more than this",
+    )
+    p.add_argument(
+        "--cache",
+        choices=CACHE_POLICIES,
+        default="occupied",
+        help="a TT model's LFU cache: 'occupied' ships its occupied slots only (the trained values of the hot "
+        "rows); 'flush' writes them back into the cores and ships no cache (a fit: evaluated and gated by "
+        "--max-auc-drop like smaller cores)",
     )
     p.add_argument("--version", default=None, help="version string of the export (default: step<N>-<content hash>)")
     p.add_argument(
@@ -453,17 +509,21 @@ def main(argv: list[str] | None = None) -> dict:
     from recsys.logs import setup_logging
 
     setup_logging()
-    return export_checkpoint(
-        args.checkpoint,
-        args.out,
-        data_dir=args.data,
-        core_dtype=args.core_dtype,
-        evaluate=args.evaluate,
-        max_auc_drop=args.max_auc_drop,
-        version=args.version,
-        retrieval=args.retrieval,
-        item_column=args.item_column,
-    )
+    try:
+        return export_checkpoint(
+            args.checkpoint,
+            args.out,
+            data_dir=args.data,
+            core_dtype=args.core_dtype,
+            evaluate=args.evaluate,
+            max_auc_drop=args.max_auc_drop,
+            version=args.version,
+            retrieval=args.retrieval,
+            item_column=args.item_column,
+            cache=args.cache,
+        )
+    except (ValueError, FileNotFoundError) as exc:  # a refused export is a message, not a traceback
+        build_parser().exit(2, f"python -m pipelines.export: error: {exc}\n")
 
 
 if __name__ == "__main__":

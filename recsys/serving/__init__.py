@@ -41,6 +41,7 @@ from recsys.serving.runtime import (
     Retrieval,
     build_model,
     load_exported,
+    model_from_tensors,
     serving_state_keys,
     tt_core_names,
 )
@@ -69,6 +70,7 @@ __all__ = [
     "dequantize",
     "finite_or_none",
     "load_exported",
+    "model_from_tensors",
     "quantize",
     "read_manifest",
     "read_tensors",

@@ -84,6 +84,50 @@ def tt_core_names(model: nn.Module) -> list[str]:
     return [k for k in model.state_dict() if ".tt_cores." in k]
 
 
+CACHE_TENSORS = (".cache_rows", ".cache_weight")
+"""The LFU cache of a TT group: an export ships its occupied slots only (sorted ids first, as the cache holds them)."""
+
+
+def model_from_tensors(
+    section: dict, vocab_sizes: Mapping[str, int], num_dense: int, stored: Mapping[str, torch.Tensor], source: Any
+) -> InferenceDLRM:
+    """The DLRM of a manifest's ``model`` section with the tensors of ``model.safetensors`` loaded.
+
+    Quantized cores are dequantized. A TT cache may be shipped shorter than the cache the section
+    builds (its occupied slots only; the section rounds the slots up to whole rows per table): the
+    built cache's own empty slots fill the rest, which keeps its ids sorted as lookups need.
+    ``source`` names the file in errors. The export writer scores this same model before it writes.
+    """
+    model = build_model(section, vocab_sizes, num_dense)
+    expected = model.state_dict()
+    state = {}
+    for key in serving_state_keys(model):
+        if key not in stored:
+            raise ExportFormatError(f"{source}: no tensor {key!r}, which the manifest's model needs")
+        value, want = stored[key], expected[key]
+        if value.dtype in (torch.int8, torch.float16):
+            value = dequantize(value, stored.get(key + SCALE_SUFFIX))
+        if key.endswith(CACHE_TENSORS) and value.shape[1:] == want.shape[1:] and len(value) <= len(want):
+            if key.endswith(".cache_rows"):
+                empty = int(want[0]) if len(want) else 0  # a freshly built cache is all empty slots
+                _check_cache_rows(value, empty, name=f"{source}: {key!r}")
+            value = torch.cat([value, want[len(value) :]])
+        if tuple(value.shape) != tuple(want.shape):
+            raise ExportFormatError(
+                f"{source}: tensor {key!r} has shape {list(value.shape)}, the model needs {list(want.shape)}"
+            )
+        state[key] = value
+    model.load_state_dict(state, strict=False)
+    return model
+
+
+def _check_cache_rows(rows: torch.Tensor, empty: int, name: str) -> None:
+    """Cached row ids: distinct, increasing, below ``empty`` (the id of an empty slot), then empty slots only."""
+    occupied = int((rows < empty).sum())
+    if not bool((rows[:occupied].diff() > 0).all() and (rows[occupied:] == empty).all() and (rows >= 0).all()):
+        raise ExportFormatError(f"{name} must hold distinct cached row ids in increasing order, then empty slots")
+
+
 # -- retrieval: next-item encoder + LSH output layer ------------------------------------------
 RETRIEVAL_LAYER_KEYS = ("weight", "projection", "codes", "offsets", "members")
 """What ``LSHOutputLayer.topk`` reads; the training-only state (fingerprints, triplet buffer, scheduler) stays out."""
@@ -267,24 +311,9 @@ def load_exported(path: str | Path) -> ExportedModel:
         vocabularies = {k: v.numpy() for k, v in read_tensors(path, manifest, FEATURES_FILE).items()}
     encoder = FeatureEncoder(features, vocabularies)
     stored = read_tensors(path, manifest, MODEL_FILE)
-    model = build_model(manifest["model"], encoder.vocab_sizes, len(encoder.dense_columns))
-    state = {}
-    for key in serving_state_keys(model):
-        if key not in stored:
-            raise ExportFormatError(f"{path / MODEL_FILE}: no tensor {key!r}, which the manifest's model needs")
-        value = stored[key]
-        if value.dtype in (torch.int8, torch.float16):
-            value = dequantize(value, stored.get(key + SCALE_SUFFIX))
-        state[key] = value
-    expected = model.state_dict()
-    for key, value in state.items():
-        if tuple(value.shape) != tuple(expected[key].shape):
-            raise ExportFormatError(
-                f"{path / MODEL_FILE}: tensor {key!r} has shape {list(value.shape)}, the model needs "
-                f"{list(expected[key].shape)}"
-            )
+    num_dense = len(encoder.dense_columns)
+    model = model_from_tensors(manifest["model"], encoder.vocab_sizes, num_dense, stored, path / MODEL_FILE)
     _check_tt_shapes(model, manifest)
-    model.load_state_dict(state, strict=False)
     retrieval = None
     if manifest.get("retrieval"):
         tensors = read_tensors(path, manifest, RETRIEVAL_FILE)

@@ -437,7 +437,7 @@ def test_the_auc_gate_scores_the_stored_cores(core_dtype, tt_trainer, tt_run, tt
     print(f"\n{core_dtype}: by hand {fp32} -> {stored}\ngate: {evaluation}")
     assert fp32["validation"]["auc"] > 0.8  # a trained model (observed 0.85): its AUC means something
     for split in splits:
-        for name, metrics in (("fp32", fp32), (core_dtype, stored)):
+        for name, metrics in (("trained", fp32), ("exported", stored)):
             reported = evaluation[f"{split}_{name}"]
             assert reported["auc"] == pytest.approx(metrics[split]["auc"], abs=AUC_ATOL), (split, name)
             assert reported["logloss"] == pytest.approx(metrics[split]["logloss"], abs=LOGLOSS_ATOL), (split, name)
@@ -624,14 +624,21 @@ def test_recorded_tt_shapes_must_be_the_rebuilt_ones(tt_export, tmp_path):
 
 def test_the_served_table_report_is_the_exported_one(tt_export):
     """Kind, rows, bytes and dense bytes of every table as the serving model computes them equal what the export
-    recorded from the training model (dense bytes: float32 rows x width)."""
+    recorded from the training model (dense bytes: float32 rows x width; TT: the fp32 cores, plus the table's
+    cached rows in the export's bytes)."""
     manifest = read_manifest(tt_export)
     served = load_exported(tt_export).model.table_report()
     width = manifest["model"]["dlrm"]["embedding_dim"]
     for name, entry in manifest["tables"].items():
         mine = served[f"t_{name}"]
         assert mine["dense_bytes"] == mine["rows"] * width * 4 == entry["dense_bytes"], name
-        assert {k: mine[k] for k in ("kind", "rows", "bytes")} == {k: entry[k] for k in ("kind", "rows", "bytes")}
+        assert {k: mine[k] for k in ("kind", "rows")} == {k: entry[k] for k in ("kind", "rows")}
+        if entry["kind"] == "tt":
+            assert mine["bytes"] == entry["core_bytes"] == entry["bytes"] - entry["cache_bytes"], name
+            assert entry["cache_bytes"] == entry["cache_rows"] * (width * 4 + 8), name
+        else:
+            assert mine["bytes"] == entry["bytes"], name
+    assert sum(e.get("cache_rows", 0) for e in manifest["tables"].values()) == manifest["cache"]["shipped_rows"] > 0
     assert {e["kind"] for e in manifest["tables"].values()} == {"tt", "dense"}
 
 
