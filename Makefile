@@ -1,5 +1,5 @@
 # The two commands of the README:
-#   make demo  -> install what is missing, then generate -> preprocess -> train -> evaluate
+#   make demo  -> install what is missing, then the main job: dense vs TT DLRM, export, serve, query, summary
 #   make test  -> install what is missing, then ruff and the test suite
 VENV ?= .venv
 PY := $(VENV)/bin/python

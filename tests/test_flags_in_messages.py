@@ -54,6 +54,7 @@ TRAINING = ("train", "train_xmc", "train_next_item", "train_sequence")
 # module (path prefix) -> the commands whose users read its messages
 READERS = {
     "pipelines/__main__.py": ("pipelines", "train"),
+    "pipelines/main_job/": ("pipelines", "train"),
     "pipelines/cli_config.py": TRAINING,
     "pipelines/data/generate.py": ("generate", "pipelines"),
     "pipelines/data/preprocess.py": ("preprocess", "pipelines"),

@@ -79,6 +79,12 @@ from recsys.serving.dlrm import InferenceDLRM
 log = logging.getLogger("pipelines.export")
 
 METRICS_FILE = "metrics.json"
+
+
+class AUCGateRefused(ValueError):
+    """The stored model (smaller cores, written-back cache rows) scores worse than ``--max-auc-drop`` allows."""
+
+
 _MODEL_PREFIX = "model.model."  # checkpoint key "model", then DLRMTrain's "model."
 EVAL_BATCH = 8192
 
@@ -411,9 +417,9 @@ def _gate(trained: dict, exported: dict, core_dtype: str, caches: CacheExport, m
             remedies = (["a wider --core-dtype"] if core_dtype != "fp32" else []) + (
                 ["--cache occupied"] if caches.rows_written_back else []
             )
-            raise ValueError(
+            raise AUCGateRefused(
                 f"the export ({', '.join(changes) or 'as trained'}) lowers the {split} AUC by {drop:.5f} > "
-                f"--max-auc-drop {max_auc_drop}; export with {' or '.join(remedies + ['a larger --max-auc-drop'])}"
+                f"--max-auc-drop {max_auc_drop}; export with {' or '.join([*remedies, 'a larger --max-auc-drop'])}"
             )
     return result
 
