@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pipelines.export.cache import CACHE_POLICIES
+from pipelines.export.writer import AUCGateRefused
 from pipelines.main_job import MainJobConfig, run_main_job
 from recsys.serving import CORE_DTYPES
 
@@ -115,7 +116,11 @@ def config_from_args(argv: list[str]) -> MainJobConfig:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_main_job(config_from_args(list(argv) if argv is not None else sys.argv[1:]))
+    config = config_from_args(list(argv) if argv is not None else sys.argv[1:])
+    try:
+        return run_main_job(config)
+    except AUCGateRefused as refused:  # a message, not a traceback: the runs before the export are kept
+        build_parser().exit(2, f"python -m pipelines: error: {refused}\n")
 
 
 if __name__ == "__main__":

@@ -55,4 +55,8 @@ def export_tt(config: MainJobConfig) -> dict:
             )
         except AUCGateRefused as refused:
             log.warning("export with %s cores refused: %s", core_dtype, refused)
-    raise AUCGateRefused(f"no core dtype of {config.core_dtypes} passes --max-auc-drop {config.max_auc_drop}")
+    flush = " with --cache flush (try --cache occupied)" if config.cache == "flush" else ""
+    raise AUCGateRefused(
+        f"no export with --core-dtypes {' '.join(config.core_dtypes)}{flush} passes --max-auc-drop "
+        f"{config.max_auc_drop}; the trained runs are in {config.out}"
+    )

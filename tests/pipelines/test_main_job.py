@@ -166,3 +166,16 @@ def test_rank_bodies_use_test_rows_as_context_and_candidates():
             j = int(candidate["id"].removeprefix("row-"))
             assert candidate["sparse"] == {c: rows.sparse[j][int(c[1:]) - 1] for c in RANK_ITEM_COLUMNS}
     assert len({json.dumps(b["context"]) for b in bodies}) == 3  # seeded: three different contexts
+
+
+def test_an_export_the_gate_refuses_ends_the_job_with_a_message(tmp_path, capsys, monkeypatch):
+    """Every core dtype tried under the gate, then a one-line error naming the flags; the trained run is kept."""
+    for where in ("recsys.logs.setup_logging", "pipelines.main_job.run.setup_logging"):
+        monkeypatch.setattr(where, lambda *a, **k: None)  # no logging handler on capsys's stream
+    argv = ["--out", str(tmp_path), "--rows", "3000", "--skip-dense", "--no-serve", "--max-index", "20000"]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*argv, "--cache", "flush", "--max-auc-drop", "-1", *SHORT_TRAINING])  # any AUC refused
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "no export with --core-dtypes int8 fp16 fp32 with --cache flush (try --cache occupied)" in err
+    assert (tmp_path / "tt" / "metrics.json").is_file() and not (tmp_path / "export").exists()

@@ -109,7 +109,7 @@ def test_the_files_and_tables_add_up_to_the_manifest(sparse_cache_trainer, tmp_p
 def test_flush_writes_the_cache_back_under_the_gate(sparse_cache_trainer, trained_cache, tmp_path):
     """No cache exported; the cores now serve the cached rows close to their cached values; the gate's AUCs are
     those of the model as trained and of the exported one (recomputed here)."""
-    manifest = export_checkpoint(sparse_cache_trainer.out_dir, tmp_path / "x", cache="flush", max_auc_drop=0.005)
+    manifest = export_checkpoint(sparse_cache_trainer.out_dir, tmp_path / "x", cache="flush")  # the default gate
     stored = _stored(tmp_path / "x")
     assert not any("cache" in k for k in stored) and manifest["model"]["tt"]["cache_size"] == 0
     occupied = int((trained_cache["rows"] < trained_cache["rows"].max()).sum())
@@ -119,7 +119,7 @@ def test_flush_writes_the_cache_back_under_the_gate(sparse_cache_trainer, traine
     exported = load_exported(tmp_path / "x")
     for split in ("validation", "test"):
         assert evaluation[f"{split}_exported"] == evaluate_model(exported.model, sparse_cache_trainer.data_dir, split)
-        assert evaluation[f"{split}_auc_drop"] <= 0.005
+        assert evaluation[f"{split}_auc_drop"] <= 0.001  # observed: the AUC rose (validation +0.0023, test +0.0008)
         assert evaluation[f"{split}_auc_drop"] == pytest.approx(
             evaluation[f"{split}_trained"]["auc"] - evaluation[f"{split}_exported"]["auc"], abs=1e-12
         )
