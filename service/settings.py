@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 ENV_PREFIX = "RECSYS_"
@@ -61,6 +61,12 @@ class Settings(BaseSettings):
         "makes one process use about one core); POST /v1/admin/reload reaches one of them, so use "
         "--reload-interval-s with several",
     )
+    admin_token: SecretStr | None = Field(
+        None,
+        min_length=1,
+        description="bearer token of the admin routes (POST /v1/admin/reload: 'Authorization: Bearer <token>'); "
+        "unset, the admin routes answer 403",
+    )
     access_log: bool = Field(False, description="log every request (uvicorn's access log)")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="the service's log level")
 
@@ -100,5 +106,9 @@ def to_environment(settings: Settings) -> dict[str, str]:
     out = {}
     for name in type(settings).model_fields:
         value = getattr(settings, name)
+        if value is None:  # unset stays unset (not the string "None")
+            continue
+        if isinstance(value, SecretStr):
+            value = value.get_secret_value()
         out[ENV_PREFIX + name.upper()] = ("1" if value else "0") if isinstance(value, bool) else str(value)
     return out

@@ -11,6 +11,7 @@ from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from recsys.serving import ExportFormatError
+from service.admin import Admin
 from service.deps import Metrics, ServedModel, Store
 from service.errors import ServiceError
 from service.model_store import ModelStore
@@ -25,9 +26,21 @@ async def model_summary(model: ServedModel) -> dict:
     return model.summary()
 
 
-@router.post("/v1/admin/reload", response_model=ReloadResponse)
+@router.post(
+    "/v1/admin/reload",
+    response_model=ReloadResponse,
+    dependencies=[Admin],
+    responses={
+        401: {"model": ErrorResponse, "description": "no or wrong bearer token"},
+        403: {"model": ErrorResponse, "description": "admin routes are off (no --admin-token)"},
+        409: {"model": ErrorResponse, "description": "the export was refused; the served model stays"},
+    },
+)
 async def reload(store: Store) -> ReloadResponse:
-    """Load the export directory again if it changed; in-flight requests finish on the old model."""
+    """Load the export directory again if it changed; in-flight requests finish on the old model.
+
+    Needs ``Authorization: Bearer <token>`` with the service's ``--admin-token``.
+    """
     return await reload_export(store)
 
 

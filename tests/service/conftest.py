@@ -31,6 +31,8 @@ from recsys.lsh_output import LSHConfig
 from recsys.serving.criteo import RAW_COLUMNS
 
 REPO = Path(__file__).resolve().parents[2]
+ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 COMMON = dict(batch_size=256, eval_batch_size=2048, checkpoint_every=0, shuffle_buffer=4096, log_every=5, seed=0)
 
 
@@ -259,10 +261,12 @@ class LiveServer:
         self.stop()
         raise TimeoutError(f"service not ready in 60 s:\n{self.log.read_text()}")
 
-    def request(self, method: str, path: str, body=None, raw: bytes | None = None) -> tuple[int, dict | str]:
+    def request(
+        self, method: str, path: str, body=None, raw: bytes | None = None, headers: dict | None = None
+    ) -> tuple[int, dict | str]:
         data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
         req = urllib.request.Request(
-            self.url + path, data=data, method=method, headers={"content-type": "application/json"}
+            self.url + path, data=data, method=method, headers={"content-type": "application/json", **(headers or {})}
         )
         try:
             with urllib.request.urlopen(req, timeout=30) as r:
@@ -277,8 +281,8 @@ class LiveServer:
     def get(self, path: str):
         return self.request("GET", path)
 
-    def post(self, path: str, body=None, raw: bytes | None = None):
-        return self.request("POST", path, body, raw)
+    def post(self, path: str, body=None, raw: bytes | None = None, headers: dict | None = None):
+        return self.request("POST", path, body, raw, headers)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -27,7 +27,7 @@ from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
 from service.app import app_from_environment, create_app
 from service.settings import Settings
 
-from .conftest import NUM_ITEMS, random_rows, training_scores
+from .conftest import ADMIN, ADMIN_TOKEN, NUM_ITEMS, random_rows, training_scores
 from .test_service import SCORE_ATOL, _body, _offline_recommend, _trained_next_item
 
 pytestmark = pytest.mark.usefixtures("hang_guard")
@@ -333,17 +333,25 @@ def test_reload_swaps_versions_and_refuses_a_damaged_export(
         assert body["model"] == version
         np.testing.assert_allclose(body["scores"], expected[version], rtol=0, atol=SCORE_ATOL)
 
-    with TestClient(create_app(Settings(model=target))) as client:
+    with TestClient(create_app(Settings(model=target, admin_token=ADMIN_TOKEN))) as client:
         scores_of(client, "old")
-        assert client.post("/v1/admin/reload").json() == {"reloaded": False, "model": "old", "previous": "old"}
+        assert client.post("/v1/admin/reload", headers=ADMIN).json() == {
+            "reloaded": False,
+            "model": "old",
+            "previous": "old",
+        }
         export_checkpoint(dense_run, target, version="new")
-        assert client.post("/v1/admin/reload").json() == {"reloaded": True, "model": "new", "previous": "old"}
+        assert client.post("/v1/admin/reload", headers=ADMIN).json() == {
+            "reloaded": True,
+            "model": "new",
+            "previous": "old",
+        }
         scores_of(client, "new")
         assert client.get("/v1/model").json()["version"] == "new"
         assert samples(client, "recsys_model_info") == {(("version", "new"),): 1.0}
 
         _damage(target, "newer")
-        refused = client.post("/v1/admin/reload")
+        refused = client.post("/v1/admin/reload", headers=ADMIN)
         assert refused.status_code == 409 and refused.headers["content-type"] == JSON, refused.text
         message = refused.json()["message"]
         assert message.startswith("the export was refused (") and message.endswith("); still serving new")
@@ -355,10 +363,10 @@ def test_reload_swaps_versions_and_refuses_a_damaged_export(
 def test_a_refused_reload_with_no_model_served_says_nothing_is_served(tt_run, tmp_path):
     target = tmp_path / "served"
     export_checkpoint(tt_run, target, version="old")
-    with TestClient(create_app(Settings(model=target))) as client:
+    with TestClient(create_app(Settings(model=target, admin_token=ADMIN_TOKEN))) as client:
         client.app.state.store.current = None  # as after a failed first load
         _damage(target, "newer")
-        refused = client.post("/v1/admin/reload")
+        refused = client.post("/v1/admin/reload", headers=ADMIN)
     assert refused.status_code == 409, refused.text
     message = refused.json()["message"]
     assert message.startswith("the export was refused (") and message.endswith("); still serving nothing")
@@ -430,3 +438,55 @@ def test_app_from_environment(dense_export, monkeypatch):
         assert client.get("/readyz").json() == {"status": "ready", "model": manifest_of(dense_export)["version"]}
         assert client.post("/v1/score", content=b" " * 1001).status_code == 413
         assert client.post("/v1/score", content=b" " * 1000).status_code == 422
+
+
+@pytest.mark.parametrize(
+    ("token", "headers", "status"),
+    [
+        (None, ADMIN, 403),  # no --admin-token: the admin routes are off, whatever the request brings
+        (None, {}, 403),
+        (ADMIN_TOKEN, {}, 401),
+        (ADMIN_TOKEN, {"Authorization": f"Basic {ADMIN_TOKEN}"}, 401),
+        (ADMIN_TOKEN, {"Authorization": f"Bearer {ADMIN_TOKEN}x"}, 401),
+        (ADMIN_TOKEN, {"Authorization": f"Bearer {ADMIN_TOKEN[:-1]}"}, 401),
+        (ADMIN_TOKEN, {"Authorization": "Bearer "}, 401),
+        (ADMIN_TOKEN, ADMIN, 200),
+        (ADMIN_TOKEN, {"Authorization": f"bearer {ADMIN_TOKEN}"}, 200),  # the scheme is case-insensitive
+    ],
+)
+def test_admin_routes_need_the_configured_bearer_token(token, headers, status, dense_export):
+    with TestClient(create_app(Settings(model=dense_export, admin_token=token))) as client:
+        answer = client.post("/v1/admin/reload", headers=headers)
+        assert answer.status_code == status, answer.text
+        assert client.post("/v1/score", json=_body(*random_rows(np.random.default_rng(1), 1))).status_code == 200
+    if status == 401:
+        assert answer.headers["www-authenticate"].startswith("Bearer")
+        assert "admin" in answer.json()["message"] or "token" in answer.json()["message"]
+    if status == 403:
+        assert "--admin-token" in answer.json()["message"] and "RECSYS_ADMIN_TOKEN" in answer.json()["message"]
+
+
+def test_the_admin_token_is_compared_in_constant_time_and_never_shown(dense_export, monkeypatch):
+    """The comparison is hmac.compare_digest's (not ==), and the token appears in no answer nor repr."""
+    import hmac
+
+    import service.admin
+
+    calls, original = [], hmac.compare_digest
+
+    def recorded(a, b):
+        calls.append((a, b))
+        return original(a, b)
+
+    monkeypatch.setattr(service.admin.hmac, "compare_digest", recorded)
+    settings = Settings(model=dense_export, admin_token=ADMIN_TOKEN)
+    assert ADMIN_TOKEN not in repr(settings) and ADMIN_TOKEN not in str(settings.model_dump())
+    with TestClient(create_app(settings)) as client:
+        assert client.post("/v1/admin/reload", headers={"Authorization": "Bearer guess"}).status_code == 401
+        assert ADMIN_TOKEN not in client.get("/openapi.json").text
+    assert calls == [(b"guess", ADMIN_TOKEN.encode())]
+
+
+def test_an_empty_admin_token_is_refused():
+    with pytest.raises(ValueError, match="admin_token"):
+        Settings(model=Path("x"), admin_token="")

@@ -27,7 +27,7 @@ from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
 from service.app import create_app
 from service.settings import Settings, settings_from_environment
 
-from .conftest import ITEM_COLUMN, NUM_ITEMS, REPO, LiveServer, random_rows, training_scores
+from .conftest import ADMIN, ADMIN_TOKEN, ITEM_COLUMN, NUM_ITEMS, REPO, LiveServer, random_rows, training_scores
 
 # Served probabilities vs the training model's (by-hand float64 sigmoid of its float32 logits): observed max
 # |diff| 1e-16 for a request scored alone, up to 1.4e-8 when the micro-batcher scores it with others (float32
@@ -243,7 +243,7 @@ def test_hot_reload_without_failing_in_flight_requests(tt_run, dense_run, tt_tra
         "new": training_scores(dense_trainer, dense, sparse, tmp_path / "new"),
     }
     assert np.abs(expected["old"] - expected["new"]).max() > 0.01  # which model answered is visible
-    server = LiveServer(target)
+    server = LiveServer(target, "--admin-token", ADMIN_TOKEN)
     try:
         errors, seen = [], set()
         stop = threading.Event()
@@ -260,7 +260,7 @@ def test_hot_reload_without_failing_in_flight_requests(tt_run, dense_run, tt_tra
         for t in threads:
             t.start()
         export_checkpoint(dense_run, target, version="new")
-        status, body = server.post("/v1/admin/reload")
+        status, body = server.post("/v1/admin/reload", headers=ADMIN)
         stop.set()
         for t in threads:
             t.join()
@@ -275,12 +275,12 @@ def test_hot_reload_without_failing_in_flight_requests(tt_run, dense_run, tt_tra
         data = bytearray((target / MODEL_FILE).read_bytes())
         data[len(data) // 2] ^= 0xFF
         (target / MODEL_FILE).write_bytes(bytes(data))
-        status, body = server.post("/v1/admin/reload")
+        status, body = server.post("/v1/admin/reload", headers=ADMIN)
         assert status == 200 and body["reloaded"] is False  # same manifest digest: nothing to do
         manifest = (target / "manifest.json").read_text().replace('"new"', '"newer"', 1)
         (target / "manifest.json").write_text(manifest)  # a consistent new manifest over the damaged tensors
         (target / "manifest.sha256").write_text(hashlib.sha256(manifest.encode()).hexdigest() + "\n")
-        status, body = server.post("/v1/admin/reload")
+        status, body = server.post("/v1/admin/reload", headers=ADMIN)
         assert status == 409 and "still serving new" in body["message"], body
         assert server.post("/v1/score", _body(dense, sparse))[1]["model"] == "new"
     finally:

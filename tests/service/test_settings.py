@@ -42,3 +42,17 @@ def test_worker_processes_rebuild_the_same_settings_from_the_environment(monkeyp
     for name, value in to_environment(settings).items():
         monkeypatch.setenv(name, value)
     assert settings_from_environment() == settings
+
+
+def test_the_admin_token_reaches_worker_processes_and_unset_stays_unset(monkeypatch):
+    """--admin-token (or RECSYS_ADMIN_TOKEN) goes to the workers' environment as its value; unset, no variable
+    (not the string 'None', which would become a token anyone could guess)."""
+    with_token = settings_from_command_line(["--model", "m", "--admin-token", "s3cret"])
+    assert with_token.admin_token.get_secret_value() == "s3cret" and "s3cret" not in repr(with_token)
+    env = to_environment(with_token)
+    assert env["RECSYS_ADMIN_TOKEN"] == "s3cret"
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert settings_from_environment().admin_token.get_secret_value() == "s3cret"
+    monkeypatch.delenv("RECSYS_ADMIN_TOKEN")
+    assert "RECSYS_ADMIN_TOKEN" not in to_environment(settings_from_command_line(["--model", "m"]))
