@@ -109,7 +109,7 @@ def model_from_tensors(
             value = dequantize(value, stored.get(key + SCALE_SUFFIX))
         if key.endswith(CACHE_TENSORS) and value.shape[1:] == want.shape[1:] and len(value) <= len(want):
             if key.endswith(".cache_rows"):
-                empty = int(want[0]) if len(want) else 0  # a freshly built cache is all empty slots
+                empty = model.get_submodule(key.rpartition(".")[0]).layout.total_rows  # the id of an empty slot
                 _check_cache_rows(value, empty, name=f"{source}: {key!r}")
             value = torch.cat([value, want[len(value) :]])
         if tuple(value.shape) != tuple(want.shape):

@@ -4,6 +4,7 @@ write-back into the cores under the AUC gate; and byte counts that add up to the
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,14 @@ from pipelines.export.writer import evaluate_model, export_checkpoint, load_chec
 from pipelines.training.checkpoint import latest_checkpoint
 from pipelines.training.dlrm import TrainConfig, Trainer
 from recsys.configs import TTConfig
-from recsys.serving import MANIFEST_DIGEST_FILE, MANIFEST_FILE, MODEL_FILE, ExportFormatError, load_exported
+from recsys.serving import (
+    MANIFEST_DIGEST_FILE,
+    MANIFEST_FILE,
+    MODEL_FILE,
+    ExportFormatError,
+    load_exported,
+    read_manifest,
+)
 from recsys.serving.runtime import model_from_tensors
 
 from .conftest import COMMON, training_logits
@@ -179,3 +187,88 @@ def test_a_model_without_cache_exports_none(tt_run, dense_run, tmp_path):
     with_cache = export_checkpoint(tt_run, tmp_path / "tt")  # the conftest's TT run: 64 slots per table, all full
     assert with_cache["cache"]["shipped_rows"] == with_cache["cache"]["trained_slots"] == 64 * TT_TABLES
     assert with_cache["model"]["tt"]["cache_size"] == 64
+
+
+def _resigned(export: Path, out: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """A copy of ``export`` with ``tensors`` as its model.safetensors, the manifest's file entry and digest redone
+    (so only the check under test can refuse it)."""
+    import json
+    import shutil
+
+    from safetensors.torch import save
+
+    from recsys.serving import sha256_bytes
+
+    shutil.copytree(export, out)
+    data = save({k: v.contiguous() for k, v in tensors.items()})
+    (out / MODEL_FILE).write_bytes(data)
+    manifest = json.loads((out / MANIFEST_FILE).read_text())
+    manifest["files"][MODEL_FILE] = {"bytes": len(data), "sha256": sha256_bytes(data)}
+    text = json.dumps(manifest, indent=2).encode()
+    (out / MANIFEST_FILE).write_bytes(text)
+    (out / MANIFEST_DIGEST_FILE).write_text(sha256_bytes(text) + "\n")
+    return out
+
+
+def test_exports_of_every_cache_layout_load_and_bad_ones_are_refused_naming_file_and_tensor(
+    sparse_cache_trainer, tt_export, tmp_path
+):
+    """Loads: the occupied slots only; every slot with the empty ones after them (as exports before this change
+    wrote them); a cache holding row 0. Refused, naming model.safetensors and the tensor: ids out of order,
+    repeated, negative or past the last row (also over every slot), a cache or other tensor of the wrong shape,
+    a missing tensor."""
+    export = tmp_path / "x"
+    manifest = export_checkpoint(sparse_cache_trainer.out_dir, export)
+    stored = _stored(export)
+    rows, weight = stored[GROUP + "cache_rows"], stored[GROUP + "cache_weight"]
+    vocab = load_exported(export).encoder.vocab_sizes
+    empty = sum(v for k, v in vocab.items() if int(k[1:]) <= TT_TABLES)  # the TT tables' rows: C1..C13
+    slots = manifest["model"]["tt"]["cache_size"] * TT_TABLES
+    assert len(rows) < slots  # rounded up to whole rows per table: the loader pads
+
+    def load(tensors: dict, name: str):
+        return load_exported(_resigned(export, tmp_path / name, tensors))
+
+    reference = load_exported(export).score_rows([[1] * 13] * 3, [["1"] * 26] * 3)
+    padded = {  # every slot, the empty ones last: loads and scores the same
+        GROUP + "cache_rows": torch.cat([rows, rows.new_full((slots - len(rows),), empty)]),
+        GROUP + "cache_weight": torch.cat([weight, weight.new_zeros((slots - len(rows), weight.shape[1]))]),
+    }
+    assert torch.equal(padded[GROUP + "cache_rows"][-2:], torch.tensor([empty, empty]))
+    np.testing.assert_array_equal(
+        load({**stored, **padded}, "padded").score_rows([[1] * 13] * 3, [["1"] * 26] * 3), reference
+    )
+    with_row_0 = rows.clone()
+    with_row_0[0] = 0  # the first row of the first TT table can be cached
+    assert int(rows[1]) > 0
+    load({**stored, GROUP + "cache_rows": with_row_0}, "row0")
+
+    bad_ids = {
+        "reversed": rows.flip(0),
+        "repeated": torch.cat([rows[:1], rows[:-1]]),
+        "negative": torch.cat([rows.new_tensor([-1]), rows[1:]]),
+        "past the last row": torch.cat([rows[:-1], rows.new_tensor([empty + 1])]),
+        "an empty slot first": torch.cat([rows.new_tensor([empty]), rows[1:]]),
+        "reversed over every slot": padded[GROUP + "cache_rows"].flip(0),
+    }
+    for case, bad in bad_ids.items():
+        tensors = {**stored, **(padded if len(bad) == slots else {}), GROUP + "cache_rows": bad}
+        with pytest.raises(ExportFormatError, match=r"model\.safetensors: '.*cache_rows' must hold distinct"):
+            load(tensors, case.replace(" ", "_"))
+    full = _stored(tt_export)  # the conftest export: its cache full, shipped whole
+    full_rows = full[GROUP + "cache_rows"]
+    assert bool((full_rows < full_rows.max() + 1).all()) and len(full_rows) == 64 * TT_TABLES
+    with pytest.raises(ExportFormatError, match="distinct cached row ids"):
+        model_from_tensors(read_manifest(tt_export)["model"], load_exported(tt_export).encoder.vocab_sizes, 13,
+                           {**full, GROUP + "cache_rows": full_rows.flip(0)}, "x")  # fmt: skip
+    wrong_shapes = {
+        "narrower cache": (GROUP + "cache_weight", weight[:, :8]),
+        "longer cache": (GROUP + "cache_weight", torch.cat([weight] * 2 * TT_TABLES)),
+        "shorter table": (dense_key := next(k for k in stored if ".embedding_bags." in k), stored[dense_key][:-1]),
+    }
+    for case, (key, value) in wrong_shapes.items():
+        with pytest.raises(ExportFormatError, match=rf"model\.safetensors: tensor '{re.escape(key)}' has shape"):
+            load({**stored, key: value}, case.replace(" ", "_"))
+    without = {k: v for k, v in stored.items() if k != GROUP + "cache_weight"}
+    with pytest.raises(ExportFormatError, match=r"model\.safetensors: no tensor '.*cache_weight'"):
+        load(without, "missing")
