@@ -18,6 +18,7 @@ from pydantic import SecretStr
 
 from service.errors import ServiceError
 
+ADMIN_PREFIX = "/v1/admin/"
 _BEARER = HTTPBearer(auto_error=False, description="the service's --admin-token (RECSYS_ADMIN_TOKEN)")
 CHALLENGE = {"WWW-Authenticate": 'Bearer realm="recsys-tt admin"'}
 

@@ -16,6 +16,7 @@ import torch
 from fastapi import FastAPI
 
 from recsys.logs import setup_logging
+from service.admin import ADMIN_PREFIX
 from service.batching import MicroBatcher
 from service.errors import ServiceError, install_error_handlers
 from service.metrics import ServiceMetrics
@@ -76,7 +77,23 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     for router in (scoring.router, recommend.router, operations.router):
         app.include_router(router)
+    if settings.admin_token is None:
+        _publish_without_admin_routes(app)
     return app
+
+
+def _publish_without_admin_routes(app: FastAPI) -> None:
+    """The OpenAPI schema of a service whose admin routes are off leaves them out: it offers what is accepted."""
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = FastAPI.openapi(app)  # builds and caches app.openapi_schema
+            for path in [p for p in schema["paths"] if p.startswith(ADMIN_PREFIX)]:
+                del schema["paths"][path]
+            schema.get("components", {}).pop("securitySchemes", None)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def app_from_environment() -> FastAPI:

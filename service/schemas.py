@@ -6,9 +6,9 @@ exactly what a line of the training logs holds, preprocessed by the service as i
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from recsys.serving import HEX_PATTERN, MAX_DENSE_ABS
 from recsys.serving.criteo import DENSE_COLUMNS, NUM_DENSE, NUM_SPARSE, SPARSE_COLUMNS
@@ -17,9 +17,28 @@ MAX_ROWS = 4096
 MAX_CANDIDATES = 4096
 MAX_ID_LENGTH = 256
 
+
+def _integral(value: Any) -> Any:
+    """``10678.0`` -> ``10678``: JSON Schema's ``integer`` includes numbers with a zero fraction, which a client
+    generated from the schema may send; anything else goes on to the strict check (no strings, no bools)."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+INTEGRAL = BeforeValidator(_integral)
+"""With ``strict=True``: an integer as JSON Schema means it, ``3`` or ``3.0``; never ``"3"``, ``true`` or ``3.5``."""
+
 DenseValue = Annotated[
     int,
-    Field(strict=True, ge=-MAX_DENSE_ABS, le=MAX_DENSE_ABS, description="an integer count (negative counts as 0)"),
+    # exclusive bounds: 10**18 is exact as the float the OpenAPI schema holds, 10**18 - 1 is not (it would read 1e18)
+    Field(
+        strict=True,
+        gt=-(MAX_DENSE_ABS + 1),
+        lt=MAX_DENSE_ABS + 1,
+        description="an integer count of at most 18 digits (negative counts as 0)",
+    ),
+    INTEGRAL,
 ]
 HexValue = Annotated[
     str, StringConstraints(strict=True, pattern=HEX_PATTERN), Field(description="a categorical hash: 1-8 hex digits")
@@ -102,14 +121,17 @@ class RecommendRequest(_Strict):
     """A user: their recent items and their context row; the answer is items the DLRM scores best."""
 
     context: Row = Field(description="the user / context row; each recommended item is scored in its re-rank column")
-    history: list[Annotated[int, Field(strict=True, ge=0, le=MAX_ITEM_ID)]] = Field(
+    history: list[Annotated[int, Field(strict=True, ge=0, le=MAX_ITEM_ID), INTEGRAL]] = Field(
         default_factory=list,
         max_length=MAX_HISTORY,
-        description="the user's recent item ids (the catalogue's), oldest first; the model reads the most recent ones",
+        description="the user's recent item ids, oldest first; the model reads the most recent ones of its catalogue "
+        "(others are left out and counted in ignored_history)",
     )
-    top_k: int = Field(default=10, ge=1, le=1000, description="items to return")
+    top_k: int = Field(
+        default=10, ge=1, le=1000, description="items to return (at most `candidates`: all of them when larger)"
+    )
     candidates: int = Field(
-        default=100, ge=1, le=MAX_CANDIDATES, description="items retrieved from the LSH tables and re-ranked (>= top_k)"
+        default=100, ge=1, le=MAX_CANDIDATES, description="items retrieved from the LSH tables and re-ranked"
     )
 
 
@@ -123,6 +145,9 @@ class RecommendedItem(BaseModel):
 class RecommendResponse(BaseModel):
     items: list[RecommendedItem] = Field(description="items by decreasing DLRM score (ties: retrieval order)")
     retrieved: int = Field(description="candidates the LSH tables gave (at most `candidates`)")
+    ignored_history: int = Field(
+        0, description="history items left out because the model's catalogue does not hold them (newer items)"
+    )
     model: str
 
 

@@ -178,6 +178,12 @@ class Retrieval:
         order = np.argsort(self.item_ids, kind="stable")
         self._sorted_ids, self._sorted_classes = self.item_ids[order], order
 
+    def in_catalogue(self, items: Sequence[int]) -> np.ndarray:
+        """``(len(items),)`` bool: which item ids the catalogue holds (a history may name newer items)."""
+        items_array = np.asarray(items, dtype=np.int64).reshape(-1)
+        at = np.searchsorted(self._sorted_ids, items_array).clip(max=len(self._sorted_ids) - 1)
+        return self._sorted_ids[at] == items_array
+
     def classes_of(self, items: Sequence[int], field_name: str = "history") -> np.ndarray:
         """Item ids -> class ids; raises ``ValueError`` naming ``field_name[i]`` for an item not in the catalogue."""
         items_array = np.asarray(items, dtype=np.int64).reshape(-1)

@@ -43,15 +43,12 @@ async def recommend_items(body: RecommendRequest, scorer: Scorer) -> Response:
             "without one (export with `python -m pipelines.export ... --retrieval NEXT_ITEM_RUN --item-column "
             "C?`). Rank your own candidates with POST /v1/rank.",
         )
-    if body.top_k > body.candidates:
-        raise ServiceError(422, f"top_k: {body.top_k} is more than candidates ({body.candidates})")
-    try:
-        retrieval.classes_of(body.history)
-    except ValueError as exc:
-        raise ServiceError(422, str(exc)) from exc
-    items, retrieval_scores = await scorer.batcher.call(retrieval.retrieve, body.history, body.candidates)
+    known = retrieval.in_catalogue(body.history)  # items newer than the model are left out, not refused
+    history = [item for item, k in zip(body.history, known.tolist(), strict=True) if k]
+    ignored = len(body.history) - len(history)
+    items, retrieval_scores = await scorer.batcher.call(retrieval.retrieve, history, body.candidates)
     if len(items) == 0:
-        return json_response(RecommendResponse(items=[], retrieved=0, model=model.version))
+        return json_response(RecommendResponse(items=[], retrieved=0, ignored_history=ignored, model=model.version))
     try:
         encoded = model.encode_items(items, body.context.dense, body.context.sparse)
     except ValueError as exc:
@@ -67,4 +64,8 @@ async def recommend_items(body: RecommendRequest, scorer: Scorer) -> Response:
         )
         for i in order
     ]
-    return json_response(RecommendResponse.model_construct(items=answer, retrieved=len(items), model=model.version))
+    return json_response(
+        RecommendResponse.model_construct(
+            items=answer, retrieved=len(items), ignored_history=ignored, model=model.version
+        )
+    )

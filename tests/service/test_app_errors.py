@@ -290,3 +290,45 @@ def test_an_app_that_never_answered_or_failed_is_recorded_as_a_500():
         _drive(failing, _scope(), [{"type": "http.request", "body": b"{}"}])
     assert _counts(metrics) == {("/healthz", "500"): 1, ("/v1/score", "500"): 1}
     assert 0 < metrics.registry.get_sample_value("recsys_request_seconds_sum", {"route": "/healthz"}) < 5
+
+
+def _score_of(client, row: dict) -> float:
+    answer = client.post("/v1/score", json={"rows": [row]})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["scores"][0]
+
+
+def test_integers_are_what_json_schema_calls_integers(client):
+    """A number with a zero fraction (10678.0, 1e3) is an integer to JSON Schema and so to the service, in a row, a
+    candidate's override and a history; a string, a bool or a fraction is not (422 naming the field)."""
+    as_int = _score_of(client, _with(GOOD_ROW, "dense", 2, 10678))
+    text = json.dumps({"rows": [_with(GOOD_ROW, "dense", 2, 10678)]}).replace("10678", "10678.0")
+    answer = client.post("/v1/score", content=text, headers={"content-type": "application/json"})
+    assert answer.status_code == 200 and answer.json()["scores"][0] == as_int
+    assert _score_of(client, _with(GOOD_ROW, "dense", 2, 1e3)) == _score_of(client, _with(GOOD_ROW, "dense", 2, 1000))
+    rank = {
+        "context": GOOD_ROW,
+        "candidates": [{"id": "a", "dense": {"I3": 10678.0}}, {"id": "b", "dense": {"I3": 10678}}],
+    }
+    items = client.post("/v1/rank", json=rank).json()["items"]
+    assert items[0]["score"] == items[1]["score"] == as_int
+    for bad in ("10678", True, 10678.5):
+        answer = client.post("/v1/score", json={"rows": [_with(GOOD_ROW, "dense", 2, bad)]})
+        assert answer.status_code == 422 and answer.json()["message"].startswith("rows[0].dense[2]: "), bad
+    answer = client.post("/v1/recommend", json={"context": GOOD_ROW, "history": [1.5]})
+    assert answer.status_code == 422 and answer.json()["message"].startswith("history[0]: ")
+
+
+def test_the_published_bounds_are_the_enforced_ones(client):
+    """The schema's bound of a count is exclusive at 1e18, exact as a float: 10**18 - 1 (18 digits, what training
+    accepts) passes, 10**18 and 1e18 do not, in a row and in a candidate's override alike."""
+    schema = client.get("/openapi.json").json()["components"]["schemas"]
+    count = schema["Row"]["properties"]["dense"]["items"]["anyOf"][0]
+    override = schema["Candidate"]["properties"]["dense"]["additionalProperties"]["anyOf"][0]
+    assert count == override and count["exclusiveMaximum"] == 1e18 == -count["exclusiveMinimum"]
+    assert "maximum" not in count and int(count["exclusiveMaximum"]) == 10**18
+    for value, status in ((10**18 - 1, 200), (-(10**18) + 1, 200), (10**18, 422), (1e18, 422), (-1e18, 422)):
+        answer = client.post("/v1/score", json={"rows": [_with(GOOD_ROW, "dense", 0, value)]})
+        assert answer.status_code == status, (value, answer.text)
+        rank = {"context": GOOD_ROW, "candidates": [{"id": "a", "dense": {"I1": value}}]}
+        assert client.post("/v1/rank", json=rank).status_code == status, value

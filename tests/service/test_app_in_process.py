@@ -169,7 +169,7 @@ def test_recommend_edges_one_or_no_item_retrieved_and_ties_in_retrieval_order(cl
     assert len(body["items"]) == 8 and body["retrieved"] == 8 and body["model"] == version
 
     monkeypatch.setattr(served.retrieval, "retrieve", lambda h, n: (np.empty(0, np.int64), np.empty(0)))
-    assert recommend(5, 10) == {"items": [], "retrieved": 0, "model": version}
+    assert recommend(5, 10) == {"items": [], "retrieved": 0, "ignored_history": 0, "model": version}
 
     first_items, first_scores = real_retrieve(history, 10)
     monkeypatch.setattr(served.retrieval, "retrieve", lambda h, n: (first_items[:1], first_scores[:1]))
@@ -189,11 +189,20 @@ def test_recommend_edges_one_or_no_item_retrieved_and_ties_in_retrieval_order(cl
 
 def test_recommend_refusals(client, dense_export):
     context = {"dense": [1] * 13, "sparse": ["a"] * 26}
-    answer = client.post("/v1/recommend", json={"context": context, "top_k": 50, "candidates": 20})
-    assert answer.status_code == 422 and answer.json()["message"] == "top_k: 50 is more than candidates (20)"
-    answer = client.post("/v1/recommend", json={"context": context, "history": [2, NUM_ITEMS + 7]})
-    assert answer.status_code == 422
-    assert answer.json()["message"].startswith(f"history[1]: item {NUM_ITEMS + 7} is not in the catalogue")
+    # top_k above candidates (e.g. candidates below the default top_k of 10): all the candidates, as top_k = candidates
+    more = client.post("/v1/recommend", json={"context": context, "top_k": 50, "candidates": 20})
+    equal = client.post("/v1/recommend", json={"context": context, "top_k": 20, "candidates": 20})
+    assert more.status_code == equal.status_code == 200, more.text
+    assert more.json() == equal.json() and 0 < len(more.json()["items"]) <= 20
+    fewer = client.post("/v1/recommend", json={"context": context, "candidates": 5})
+    assert fewer.status_code == 200 and len(fewer.json()["items"]) == fewer.json()["retrieved"] <= 5
+    # items the catalogue does not hold (newer than the model; any id the schema allows) are left out and counted
+    for unknown in ([2, NUM_ITEMS + 7, 3], [NUM_ITEMS + 1, 2, 2**32 - 2, 3]):
+        answer = client.post("/v1/recommend", json={"context": context, "history": unknown})
+        known = client.post("/v1/recommend", json={"context": context, "history": [2, 3]}).json()
+        assert answer.status_code == 200, answer.text
+        assert answer.json() == known | {"ignored_history": len(unknown) - 2}
+    assert client.post("/v1/recommend", json={"context": context, "history": [0]}).json()["ignored_history"] == 1
     with TestClient(create_app(Settings(model=dense_export))) as plain:
         answer = plain.post("/v1/recommend", json={"context": context})
         version = manifest_of(dense_export)["version"]
@@ -485,6 +494,15 @@ def test_the_admin_token_is_compared_in_constant_time_and_never_shown(dense_expo
         assert client.post("/v1/admin/reload", headers={"Authorization": "Bearer guess"}).status_code == 401
         assert ADMIN_TOKEN not in client.get("/openapi.json").text
     assert calls == [(b"guess", ADMIN_TOKEN.encode())]
+
+
+def test_the_schema_offers_the_admin_routes_only_when_they_are_on(dense_export):
+    for token, offered in ((None, False), (ADMIN_TOKEN, True)):
+        with TestClient(create_app(Settings(model=dense_export, admin_token=token))) as client:
+            schema = client.get("/openapi.json").json()
+        assert ("/v1/admin/reload" in schema["paths"]) is offered
+        assert ("securitySchemes" in schema.get("components", {})) is offered
+        assert "/v1/score" in schema["paths"] and "/v1/model" in schema["paths"]
 
 
 def test_an_empty_admin_token_is_refused():

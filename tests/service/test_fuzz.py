@@ -8,16 +8,17 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import LiveServer
+from .conftest import ADMIN_TOKEN, LiveServer
 
 SCHEMATHESIS = Path(sys.executable).parent / "schemathesis"
-_RUN = [str(SCHEMATHESIS), "run", "--seed", "0"]
+_RUN = [str(SCHEMATHESIS), "run", "--seed", "0", "-H", f"Authorization: Bearer {ADMIN_TOKEN}"]
 
 
 @pytest.fixture(scope="module")
 def fuzzed(dense_retrieval_export):
-    """An export with a retrieval model: /v1/recommend answers (freq vocabularies, so most items are unknown)."""
-    server = LiveServer(dense_retrieval_export)
+    """An export with a retrieval model: /v1/recommend answers (freq vocabularies, so most items are unknown); the
+    admin routes on, schemathesis holding the token (it also sends requests without it: 401 expected)."""
+    server = LiveServer(dense_retrieval_export, "--admin-token", ADMIN_TOKEN)
     yield server
     server.stop()
 
@@ -56,3 +57,18 @@ def test_recommend_answers_only_documented_statuses(fuzzed):
     assert result.returncode == 0, result.stdout[-4000:]
     status, body = fuzzed.post("/v1/recommend", {"context": {"dense": [None] * 13, "sparse": [None] * 26}})
     assert status == 200 and len(body["items"]) == 10, body
+
+
+def test_schemathesis_with_every_check_finds_nothing(fuzzed):
+    """Every check schemathesis has (server errors, status codes and content types as documented, responses
+    matching their schema, requests valid by the schema accepted, invalid ones refused, ...) on every operation."""
+    result = subprocess.run(
+        [*_RUN, f"{fuzzed.url}/openapi.json", "--checks", "all", "--max-examples", "40"],
+        capture_output=True,
+        text=True,
+        timeout=400,
+    )
+    summary = result.stdout[result.stdout.find("SUMMARY") :]
+    print(summary)
+    assert result.returncode == 0, result.stdout[-6000:]
+    assert "Tested: 8" in summary and "No issues found" in summary, summary

@@ -203,9 +203,9 @@ def test_recommend_equals_offline_retrieval_and_dlrm_scores(live, offline, next_
     ("update", "field"),
     [
         ({"history": ["x"]}, "history[0]"),
-        ({"history": [1, NUM_ITEMS + 7]}, "history[1]"),
         ({"history": [-1]}, "history[0]"),
-        ({"top_k": 50, "candidates": 20}, "top_k"),
+        ({"history": [2**32]}, "history[0]"),  # beyond an 8-hex-digit item id (an id outside the catalogue is not)
+        ({"history": [1.5]}, "history[0]"),
         ({"candidates": 0}, "candidates"),
         ({"context": {"dense": [1] * 13, "sparse": ["a"] * 25 + ["xyz"]}}, "context.sparse[25]"),
         ({"user": 3}, "user"),
