@@ -35,7 +35,9 @@ def create_app(settings: Settings) -> FastAPI:
     """The service app for ``settings`` (tests build their own)."""
     metrics = ServiceMetrics()
     store = ModelStore(settings.model, metrics)
-    batcher = MicroBatcher(settings.max_batch_rows, settings.max_wait_ms, settings.max_queue, metrics)
+    batcher = MicroBatcher(
+        settings.max_batch_rows, settings.max_wait_ms, settings.max_queue, metrics, deadline_ms=settings.deadline_ms
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

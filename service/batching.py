@@ -34,12 +34,17 @@ class QueueFullError(RuntimeError):
     """The batcher already holds ``max_queue`` requests."""
 
 
+class DeadlineExceededError(RuntimeError):
+    """A request waited longer than its deadline for the model: it is answered, not scored late."""
+
+
 @dataclass
 class _Job:
     model: ExportedModel
     dense: np.ndarray  # (n, 13) float32
     ids: np.ndarray  # (n, 26) int64
     future: asyncio.Future = field(repr=False)
+    deadline: float = float("inf")  # loop time after which the job is answered instead of scored
 
     @property
     def rows(self) -> int:
@@ -58,11 +63,17 @@ class MicroBatcher:
     """
 
     def __init__(
-        self, max_batch_rows: int, max_wait_ms: float, max_queue: int, metrics: ServiceMetrics | None = None
+        self,
+        max_batch_rows: int,
+        max_wait_ms: float,
+        max_queue: int,
+        metrics: ServiceMetrics | None = None,
+        deadline_ms: float = 0.0,
     ) -> None:
         self.max_batch_rows = max_batch_rows
         self.max_wait = max_wait_ms / 1000.0
         self.max_queue = max_queue
+        self.deadline = deadline_ms / 1000.0 if deadline_ms > 0 else float("inf")
         self.metrics = metrics
         self._queue: asyncio.Queue[_Job] | None = None
         self._carry: _Job | None = None  # a job taken but left for the next pass
@@ -85,12 +96,17 @@ class MicroBatcher:
         self._executor.shutdown(wait=True)
 
     async def score(self, model: ExportedModel, dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Click probabilities (n,) of encoded rows; raises :class:`QueueFullError` when saturated."""
+        """Click probabilities (n,) of encoded rows.
+
+        Raises :class:`QueueFullError` when ``max_queue`` requests wait already, and
+        :class:`DeadlineExceededError` when this one waited ``deadline_ms`` without its pass starting.
+        """
         if self._queue is None or not self.running:
             raise RuntimeError("the batcher is not running")
-        future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
         try:
-            self._queue.put_nowait(_Job(model, dense, ids, future))
+            self._queue.put_nowait(_Job(model, dense, ids, future, loop.time() + self.deadline))
         except asyncio.QueueFull:
             raise QueueFullError(f"{self.max_queue} requests are already waiting for the model") from None
         if self.metrics:
@@ -130,6 +146,7 @@ class MicroBatcher:
         while True:
             jobs = await self._next_batch()
             jobs = [j for j in jobs if not j.future.done()]  # the client went away
+            jobs = self._answer_late(jobs, loop.time())
             if not jobs:
                 continue
             if self.metrics and self._queue is not None:
@@ -152,6 +169,18 @@ class MicroBatcher:
                 if not job.future.done():
                     job.future.set_result(scores[start : start + job.rows])
                 start += job.rows
+
+    def _answer_late(self, jobs: list[_Job], now: float) -> list[_Job]:
+        """The jobs still within their deadline; the others get :class:`DeadlineExceededError` (no late work)."""
+        on_time = []
+        for job in jobs:
+            if now <= job.deadline:
+                on_time.append(job)
+                continue
+            job.future.set_exception(DeadlineExceededError(f"waited over {self.deadline * 1000:.0f} ms for the model"))
+            if self.metrics:
+                self.metrics.rejected.labels(reason="deadline").inc()
+        return on_time
 
 
 def _forward(jobs: list[_Job]) -> tuple[np.ndarray, float]:

@@ -15,7 +15,7 @@ from fastapi.responses import Response
 from pydantic import BaseModel
 
 from recsys.serving import ExportedModel
-from service.batching import MicroBatcher, QueueFullError
+from service.batching import DeadlineExceededError, MicroBatcher, QueueFullError
 from service.errors import ServiceError
 from service.metrics import ServiceMetrics
 from service.model_store import ModelStore
@@ -61,6 +61,8 @@ class Scorer:
             return await self.batcher.score(self.model, dense, ids)
         except QueueFullError as exc:
             self.metrics.rejected.labels(reason="queue_full").inc()
+            raise ServiceError(503, f"overloaded: {exc}; retry shortly", {"Retry-After": "1"}) from exc
+        except DeadlineExceededError as exc:  # counted by the batcher
             raise ServiceError(503, f"overloaded: {exc}; retry shortly", {"Retry-After": "1"}) from exc
 
 

@@ -38,6 +38,7 @@ class ModelStore:
         self._digest: str | None = None
         self._lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
+        self._running: asyncio.Future | None = None  # the reload in progress, which concurrent calls share
 
     def _read_digest(self) -> str | None:
         try:
@@ -46,7 +47,16 @@ class ModelStore:
             return None
 
     async def reload(self, force: bool = False) -> ReloadResult:
-        """Load the export at ``path`` if it changed (or ``force``); raises ``ExportFormatError`` and keeps the old."""
+        """Load the export at ``path`` if it changed (or ``force``); raises ``ExportFormatError`` and keeps the old.
+
+        Concurrent calls are coalesced: a call made while a reload runs gets that reload's result (or error)
+        instead of loading again. The reload is shielded: a caller that goes away does not cancel it.
+        """
+        if self._running is None or self._running.done():
+            self._running = asyncio.ensure_future(self._reload(force))
+        return await asyncio.shield(self._running)
+
+    async def _reload(self, force: bool) -> ReloadResult:
         async with self._lock:
             previous = self.current.version if self.current else None
             digest = self._read_digest()

@@ -49,6 +49,12 @@ class Settings(BaseSettings):
         description="how long a forward pass waits for more requests once one is queued (0: take what is queued)",
     )
     max_queue: int = Field(512, ge=1, description="requests waiting for the model before new ones get 503")
+    deadline_ms: float = Field(
+        1000.0,
+        ge=0,
+        description="a request whose forward pass has not started after this long is answered 503 (Retry-After) "
+        "instead of scored late (0: no deadline)",
+    )
     max_body_bytes: int = Field(8 << 20, ge=1, description="largest request body; larger ones get 413")
     reload_interval_s: float = Field(
         0.0, ge=0, description="check the export directory for a new version every N seconds (0: never)"

@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from recsys.serving import load_exported
-from service.batching import MicroBatcher, QueueFullError
+from service.batching import DeadlineExceededError, MicroBatcher, QueueFullError
 from service.metrics import ServiceMetrics
 
 from .conftest import random_rows, training_scores
@@ -246,6 +246,56 @@ def test_a_full_queue_refuses_the_next_request_and_the_queued_ones_are_still_sco
     assert gauge(metrics, "recsys_queue_depth") == 0
 
 
+def test_a_request_past_its_deadline_is_answered_not_scored_and_the_others_are_scored():
+    """Behind a pass held open past the deadline, the requests queued before the hold ends get
+    DeadlineExceededError without a forward pass; one queued later (within its deadline) is scored."""
+    gate = threading.Event()
+    model = RecordingModel(gate=gate)
+    metrics = ServiceMetrics()
+    deadline_ms = 50.0
+
+    async def scenario():
+        batcher = MicroBatcher(max_batch_rows=64, max_wait_ms=0, max_queue=8, metrics=metrics, deadline_ms=deadline_ms)
+        async with running(batcher):
+            try:
+                first = await hold_a_pass(batcher, model, 1)  # started: the deadline no longer applies to it
+                late = [asyncio.create_task(batcher.score(model, *encoded_rows(2))) for _ in range(3)]
+                await asyncio.sleep(2 * deadline_ms / 1000)
+            finally:
+                gate.set()
+            scored_first = await result(first)
+            refused = await asyncio.gather(*late, return_exceptions=True)
+            on_time_rows = encoded_rows(4)
+            on_time = await result(batcher.score(model, *on_time_rows))
+            return scored_first, refused, on_time, on_time_rows
+
+    scored_first, refused, on_time, on_time_rows = asyncio.run(scenario())
+    assert len(scored_first) == 1
+    assert all(isinstance(r, DeadlineExceededError) for r in refused), refused
+    assert str(refused[0]) == "waited over 50 ms for the model"
+    np.testing.assert_array_equal(on_time, row_scores(*on_time_rows))
+    assert model.log == [("a", 1), ("a", 4)]  # the late requests' 6 rows were never scored
+    assert metrics.registry.get_sample_value("recsys_rejected_total", {"reason": "deadline"}) == 3
+
+
+def test_without_a_deadline_a_request_waits_as_long_as_it_takes():
+    gate = threading.Event()
+    model = RecordingModel(gate=gate)
+
+    async def scenario():
+        async with running(MicroBatcher(max_batch_rows=64, max_wait_ms=0, max_queue=8, deadline_ms=0)) as batcher:
+            try:
+                first = await hold_a_pass(batcher, model, 1)
+                waiting = asyncio.create_task(batcher.score(model, *encoded_rows(2)))
+                await asyncio.sleep(0.1)
+            finally:
+                gate.set()
+            await result(first)
+            return await result(waiting)
+
+    assert len(asyncio.run(scenario())) == 2
+
+
 def test_a_failed_pass_fails_its_own_callers_only_and_the_batcher_keeps_serving():
     gate, log = threading.Event(), []
     broken, healthy = RecordingModel("broken", log, gate), RecordingModel("healthy", log, gate)
@@ -418,3 +468,49 @@ def test_batched_scores_of_the_exported_model_equal_the_training_model(tt_export
         expected = training_scores(tt_trainer, dense, sparse, tmp_path / str(n))
         np.testing.assert_allclose(answer, expected, rtol=0, atol=SCORE_ATOL)
     assert np.std(np.concatenate(answers)) > 0.02  # the rows differ in score: no comparison of constants
+
+
+def test_a_late_request_is_answered_503_with_retry_after():
+    from types import SimpleNamespace
+
+    from service.deps import Scorer
+    from service.errors import ServiceError
+
+    class LateBatcher:
+        async def score(self, model, dense, ids):
+            raise DeadlineExceededError("waited over 5 ms for the model")
+
+    scorer = Scorer(model=SimpleNamespace(version="v"), batcher=LateBatcher(), metrics=ServiceMetrics())
+    with pytest.raises(ServiceError) as refused:
+        asyncio.run(scorer.encoded(*encoded_rows(2)))
+    assert refused.value.status == 503 and refused.value.headers == {"Retry-After": "1"}
+    assert refused.value.message == "overloaded: waited over 5 ms for the model; retry shortly"
+
+
+def test_concurrent_reloads_share_one_load(tt_run, tmp_path, monkeypatch):
+    """Five reload calls while one runs: one load of the new export, the same answer for all five."""
+    import service.model_store
+    from pipelines.export.writer import export_checkpoint
+    from service.model_store import ModelStore
+
+    target = tmp_path / "served"
+    export_checkpoint(tt_run, target, version="old")
+    loads, real_load = [], service.model_store.load_exported
+
+    def slow_load(path):
+        loads.append(path)
+        time.sleep(0.2)  # long enough that the other calls arrive while it runs
+        return real_load(path)
+
+    monkeypatch.setattr(service.model_store, "load_exported", slow_load)
+    store = ModelStore(target)
+
+    async def scenario():
+        await store.reload(force=True)
+        export_checkpoint(tt_run, target, version="new")
+        return await asyncio.gather(*(store.reload() for _ in range(5)))
+
+    results = asyncio.run(scenario())
+    assert len(loads) == 2  # the first load, then one for the five calls
+    assert {(r.reloaded, r.version, r.previous) for r in results} == {(True, "new", "old")}
+    assert store.current.version == "new"
