@@ -33,7 +33,7 @@ def check_admin(configured: SecretStr | None, presented: str | None) -> None:
         raise ServiceError(401, "wrong admin token", CHALLENGE)
 
 
-def require_admin(
+async def require_admin(
     request: Request, credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_BEARER)]
 ) -> None:
     """The dependency of every admin route."""

@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from recsys.logs import setup_logging
 from service.admin import ADMIN_PREFIX
 from service.batching import MicroBatcher
+from service.body import BODY_MODELS
 from service.errors import ServiceError, install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import LimitsAndMetricsMiddleware
@@ -79,23 +80,25 @@ def create_app(settings: Settings) -> FastAPI:
     install_error_handlers(app)
     for router in (scoring.router, recommend.router, operations.router):
         app.include_router(router)
-    if settings.admin_token is None:
-        _publish_without_admin_routes(app)
+    app.openapi = lambda: _openapi(app, admin=settings.admin_token is not None)  # type: ignore[method-assign]
     return app
 
 
-def _publish_without_admin_routes(app: FastAPI) -> None:
-    """The OpenAPI schema of a service whose admin routes are off leaves them out: it offers what is accepted."""
-
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            schema = FastAPI.openapi(app)  # builds and caches app.openapi_schema
+def _openapi(app: FastAPI, admin: bool) -> dict:
+    """FastAPI's schema, plus the body models the hot routes read themselves (``service.body``), and without the
+    admin routes when they are off: the schema offers exactly what is accepted."""
+    if app.openapi_schema is None:
+        schema = FastAPI.openapi(app)  # builds and caches app.openapi_schema
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in BODY_MODELS:
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+        if not admin:
             for path in [p for p in schema["paths"] if p.startswith(ADMIN_PREFIX)]:
                 del schema["paths"][path]
-            schema.get("components", {}).pop("securitySchemes", None)
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
+            schema["components"].pop("securitySchemes", None)
+    return app.openapi_schema
 
 
 def app_from_environment() -> FastAPI:

@@ -14,6 +14,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.schemas import ErrorResponse
 
 MAX_LISTED_ERRORS = 5
+NOT_UTF8_JSON = "body: not valid JSON (could not decode it as UTF-8 JSON)"
 
 
 class ServiceError(Exception):
@@ -66,7 +67,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         if exc.status_code == 400 and "parsing the body" in str(exc.detail):  # FastAPI's undecodable body
-            return error_response(422, "body: not valid JSON (could not decode it as UTF-8 JSON)")
+            return error_response(422, NOT_UTF8_JSON)
         return error_response(exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None))
 
     @app.exception_handler(ServiceError)

@@ -31,7 +31,7 @@ INTEGRAL = BeforeValidator(_integral)
 
 DenseValue = Annotated[
     int,
-    # exclusive bounds: 10**18 is exact as the float the OpenAPI schema holds, 10**18 - 1 is not (it would read 1e18)
+    # exclusive bounds: 10**18 stays exact for a client reading JSON numbers as doubles, 10**18 - 1 would read 1e18
     Field(
         strict=True,
         gt=-(MAX_DENSE_ABS + 1),

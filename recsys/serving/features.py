@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -181,15 +181,9 @@ class FeatureEncoder:
     def decode_sparse(self, raw: Sequence[str | None]) -> tuple[np.ndarray, np.ndarray, int | None]:
         """Hex strings or None -> (uint32 values, missing mask, index of the first invalid value or None)."""
         if len(raw) <= self.SMALL_INPUT:
-            decoded = []  # -1 = missing
-            for v in raw:
-                if v is None:
-                    decoded.append(-1)
-                elif isinstance(v, str) and _HEX_FULLMATCH(v):
-                    decoded.append(int(v, 16))
-                else:
-                    return np.empty(0, np.uint32), np.empty(0, bool), len(decoded)
-            array = np.array(decoded, dtype=np.int64)
+            if not _all_hex_or_none(raw):
+                return np.empty(0, np.uint32), np.empty(0, bool), next(k for k, v in enumerate(raw) if not _is_hex(v))
+            array = np.array([-1 if v is None else int(v, 16) for v in raw], dtype=np.int64)  # -1 = missing
             missing = array < 0
             return np.where(missing, 0, array).astype(np.uint32), missing, None
         try:
@@ -211,6 +205,9 @@ class FeatureEncoder:
         for k, v in enumerate(values):
             if v is not None and (isinstance(v, bool) or not isinstance(v, int) or abs(v) > MAX_DENSE_ABS):
                 raise ValueError(f"{where(k)}: {v!r} is not an integer of at most 18 digits")
+        if len(values) <= FeatureEncoder.SMALL_INPUT:  # as transform_dense, without building an Arrow array
+            ints = np.array([0 if v is None else v for v in values], dtype=np.float64)
+            return np.log1p(np.maximum(ints, 0.0)).astype(np.float32)
         return transform_dense(pa.array(values, type=pa.int64()))
 
     def encode(
@@ -255,28 +252,69 @@ class FeatureEncoder:
         """
         if len(dense_overrides) != len(sparse_overrides):
             raise ValueError(f"{len(dense_overrides)} dense overrides, {len(sparse_overrides)} sparse ones")
+        dense = Overrides.of(dense_overrides)
+        sparse = Overrides.of(sparse_overrides)
+        return self.encode_overrides(dense_row, sparse_row, len(dense_overrides), dense, sparse)
+
+    def encode_overrides(
+        self,
+        dense_row: Sequence[int | None],
+        sparse_row: Sequence[str | None],
+        n: int,
+        dense: Overrides,
+        sparse: Overrides,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`encode_variants` with the replaced values given flat (what a rank request holds)."""
         base_dense, base_ids = self.encode([dense_row], [sparse_row])
-        n = len(dense_overrides)
         dense_out, ids_out = np.repeat(base_dense, n, axis=0), np.repeat(base_ids, n, axis=0)
-        rows = [i for i, o in enumerate(dense_overrides) for _ in o]
-        if rows:
-            cols = [j for o in dense_overrides for j in o]
-            values = [v for o in dense_overrides for v in o.values()]
-            dense_out[rows, cols] = self.transform_dense(values, lambda k: f"candidates[{rows[k]}].dense[{cols[k]}]")
-        rows = [i for i, o in enumerate(sparse_overrides) for _ in o]
-        if rows:
-            sparse_cols = np.fromiter((j for o in sparse_overrides for j in o), dtype=np.int64, count=len(rows))
-            raw = [v for o in sparse_overrides for v in o.values()]
+        if dense.rows:
+            rows, cols = dense.rows, dense.columns
+            dense_out[rows, cols] = self.transform_dense(
+                dense.values, lambda k: f"candidates[{rows[k]}].dense[{cols[k]}]"
+            )
+        if sparse.rows:
+            rows, cols, raw = sparse.rows, np.asarray(sparse.columns, dtype=np.int64), sparse.values
             values, missing, bad = self.decode_sparse(raw)
             if bad is not None:
-                raise ValueError(
-                    f"candidates[{rows[bad]}].sparse[{sparse_cols[bad]}]: {raw[bad]!r} is not 1-8 hex digits"
-                )
-            ids_out[rows, sparse_cols] = self.map_columns(values, missing, sparse_cols)
+                raise ValueError(f"candidates[{rows[bad]}].sparse[{cols[bad]}]: {raw[bad]!r} is not 1-8 hex digits")
+            ids_out[rows, cols] = self.map_columns(values, missing, cols)
         return dense_out, ids_out
 
 
 _HEX_FULLMATCH = re.compile(HEX_PATTERN.removeprefix("^").removesuffix("$")).fullmatch  # as RE2's ^...$: no "\n"
+_HEX_LINES_FULLMATCH = re.compile(r"(?:[0-9a-fA-F]{1,8}\n)*[0-9a-fA-F]{1,8}").fullmatch
+
+
+def _all_hex_or_none(values: Sequence[Any]) -> bool:
+    """Every value None or 1-8 hex digits: one regex over the values joined by newlines, which none may hold."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return True
+    try:
+        joined = "\n".join(present)  # TypeError: a value that is not a string
+    except TypeError:
+        return False
+    return joined.count("\n") == len(present) - 1 and _HEX_LINES_FULLMATCH(joined) is not None
+
+
+@dataclass
+class Overrides:
+    """Values replacing a context row's, flat: candidate ``rows[k]``, column ``columns[k]`` gets ``values[k]``."""
+
+    rows: list[int] = field(default_factory=list)
+    columns: list[int] = field(default_factory=list)
+    values: list[Any] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, per_candidate: Sequence[Mapping[int, Any]]) -> Overrides:
+        """From one ``{column index: value}`` mapping per candidate."""
+        flat = cls()
+        for i, replaced in enumerate(per_candidate):
+            for j, value in replaced.items():
+                flat.rows.append(i)
+                flat.columns.append(j)
+                flat.values.append(value)
+        return flat
 
 
 def _is_hex(value: Any) -> bool:

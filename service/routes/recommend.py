@@ -7,9 +7,10 @@ undecorated functions only).
 from __future__ import annotations
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from service.body import documented, parse_body
 from service.deps import Scorer, ScorerDep, json_response
 from service.errors import ServiceError
 from service.schemas import ErrorResponse, RecommendedItem, RecommendRequest, RecommendResponse
@@ -21,15 +22,16 @@ router = APIRouter(tags=["model"])
     "/v1/recommend",
     response_model=RecommendResponse,
     responses={501: {"model": ErrorResponse, "description": "the model has no retrieval (LSH) layer"}},
+    openapi_extra=documented(RecommendRequest),
 )
-async def recommend(body: RecommendRequest, scorer: ScorerDep) -> Response:
+async def recommend(request: Request, scorer: ScorerDep) -> Response:
     """Items retrieved by the export's LSH output layer from the user's history, re-ranked by the DLRM.
 
     The history encoder gives the user's hidden vector; ``LSHOutputLayer.topk`` the ``candidates``
     items of its buckets with the best inner product; each is put into the context row's re-rank
     column (the manifest's ``retrieval.rerank``) and scored like a ``/v1/rank`` candidate.
     """
-    return await recommend_items(body, scorer)
+    return await recommend_items(await parse_body(request, RecommendRequest), scorer)
 
 
 async def recommend_items(body: RecommendRequest, scorer: Scorer) -> Response:

@@ -8,10 +8,12 @@ they must reach.
 from __future__ import annotations
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
+from recsys.serving.features import Overrides
+from service.body import documented, parse_body
 from service.deps import Scorer, ScorerDep, json_response
 from service.errors import ServiceError
 from service.schemas import RankedItem, RankRequest, RankResponse, ScoreRequest, ScoreResponse
@@ -22,10 +24,10 @@ _DENSE_INDEX = {name: i for i, name in enumerate(DENSE_COLUMNS)}
 _SPARSE_INDEX = {name: i for i, name in enumerate(SPARSE_COLUMNS)}
 
 
-@router.post("/v1/score", response_model=ScoreResponse)
-async def score(body: ScoreRequest, scorer: ScorerDep) -> Response:
+@router.post("/v1/score", response_model=ScoreResponse, openapi_extra=documented(ScoreRequest))
+async def score(request: Request, scorer: ScorerDep) -> Response:
     """Click probability of each raw Criteo row, preprocessed exactly as in training."""
-    return await score_rows(body, scorer)
+    return await score_rows(await parse_body(request, ScoreRequest), scorer)
 
 
 async def score_rows(body: ScoreRequest, scorer: Scorer) -> Response:
@@ -34,18 +36,29 @@ async def score_rows(body: ScoreRequest, scorer: Scorer) -> Response:
     return json_response(ScoreResponse.model_construct(scores=scores.tolist(), model=scorer.model.version))
 
 
-@router.post("/v1/rank", response_model=RankResponse)
-async def rank(body: RankRequest, scorer: ScorerDep) -> Response:
+@router.post("/v1/rank", response_model=RankResponse, openapi_extra=documented(RankRequest))
+async def rank(request: Request, scorer: ScorerDep) -> Response:
     """Candidates sorted by click probability: each candidate is the context row with its own columns."""
-    return await rank_candidates(body, scorer)
+    return await rank_candidates(await parse_body(request, RankRequest), scorer)
 
 
 async def rank_candidates(body: RankRequest, scorer: Scorer) -> Response:
     """The work of ``POST /v1/rank``: encode the candidates as variants of the context row, score, sort."""
-    dense = [{_DENSE_INDEX[k]: v for k, v in c.dense.items()} for c in body.candidates]
-    sparse = [{_SPARSE_INDEX[k]: v for k, v in c.sparse.items()} for c in body.candidates]
+    dense, sparse = Overrides(), Overrides()
+    for i, candidate in enumerate(body.candidates):  # one flat pass: no per-candidate dicts
+        for name, value in candidate.dense.items():
+            dense.rows.append(i)
+            dense.columns.append(_DENSE_INDEX[name])
+            dense.values.append(value)
+        for name, value in candidate.sparse.items():
+            sparse.rows.append(i)
+            sparse.columns.append(_SPARSE_INDEX[name])
+            sparse.values.append(value)
+    context = body.context
     try:
-        encoded = scorer.model.encoder.encode_variants(body.context.dense, body.context.sparse, dense, sparse)
+        encoded = scorer.model.encoder.encode_overrides(
+            context.dense, context.sparse, len(body.candidates), dense, sparse
+        )
     except ValueError as exc:
         raise ServiceError(422, str(exc)) from exc
     scores = await scorer.encoded(*encoded)
