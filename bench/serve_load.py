@@ -100,6 +100,69 @@ async def load(host: str, port: int, path: str, body: bytes, concurrency: int, s
     }
 
 
+async def open_loop(
+    host: str, port: int, path: str, body: bytes, rate: float, seconds: float, max_connections: int = 512
+) -> dict:
+    """Offer ``rate`` requests/s for ``seconds`` whatever the answers take (an open loop, as real traffic).
+
+    Each request is due at a fixed time and takes an idle keep-alive connection or opens one (at most
+    ``max_connections``); its latency counts from when it was due, so time spent waiting for a connection
+    is charged to the server (no coordinated omission). Returns the accepted (200) requests' p50 / p99,
+    the share answered 503, and every other outcome (other statuses, resets, timeouts).
+    """
+    request = (
+        f"POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    idle: list = []
+    slots = asyncio.Semaphore(max_connections)
+    accepted: list[float] = []
+    refused, other = 0, []
+
+    async def one(due: float) -> None:
+        nonlocal refused
+        await asyncio.sleep(max(0.0, due - time.perf_counter()))
+        async with slots:
+            connection = idle.pop() if idle else await asyncio.open_connection(host, port)
+            reader, writer = connection
+            try:
+                writer.write(request)
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                length = next(
+                    int(line.split(b":", 1)[1])
+                    for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length:")
+                )
+                await reader.readexactly(length)
+            except (OSError, asyncio.IncompleteReadError, TimeoutError) as exc:
+                other.append(type(exc).__name__)
+                writer.close()
+                return
+            status = int(head.split(b" ", 2)[1])
+            idle.append(connection)
+        if status == 200:
+            accepted.append(time.perf_counter() - due)
+        elif status == 503:
+            refused += 1
+        else:
+            other.append(status)
+
+    start = time.perf_counter() + 0.05
+    total = int(rate * seconds)
+    await asyncio.gather(*(one(start + k / rate) for k in range(total)))
+    for _, writer in idle:
+        writer.close()
+    lat = np.array(accepted) * 1000
+    return {
+        "offered_rps": rate,
+        "accepted_rps": len(lat) / seconds,
+        "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+        "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+        "refused_share": refused / total if total else 0.0,
+        "other": len(other),
+        "other_kinds": sorted({str(o) for o in other}),
+    }
+
+
 # -- LitServe serving the same export ------------------------------------------------------------
 class _LitBase(ls.LitAPI):
     """The same validation (service.schemas), encoding and model as our service; LitServe batches."""
@@ -258,6 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--litserve-max-batch", type=int, default=32, help="LitServe max_batch_size")
     p.add_argument("--litserve-batch-timeout", type=float, default=0.001, help="LitServe batch_timeout (seconds)")
     p.add_argument("--litserve-workers", type=int, default=1, help="(internal) LitServe inference workers")
+    p.add_argument(
+        "--overload",
+        action="store_true",
+        help="also offer our servers twice their sustainable rank100 load (open loop) and report p50/p99 of the "
+        "accepted requests and the share answered 503",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     p.add_argument("--litserve-server", action="store_true", help="(internal) run the LitServe server and block")
     return p
@@ -289,6 +358,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         f"p99 {r['p99']:7.2f} ms  errors {r['errors']}  load {r['load1']:.2f}",
                         flush=True,
                     )
+            if args.overload and kind.startswith("ours"):
+                results.append(_overload(kind, port, args))
         finally:
             stop_server(proc)
     _report(results)
@@ -297,8 +368,26 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return results
 
 
+def _overload(kind: str, port: int, args: argparse.Namespace) -> dict:
+    """Twice the sustainable rank100 load: the closed-loop throughput at concurrency 8, then 2x offered open-loop."""
+    path, _ = SCENARIOS["rank100"]
+    body = payload("rank100")
+    sustainable = asyncio.run(load("127.0.0.1", port, path, body, 8, args.duration, args.warmup))["rps"]
+    r = asyncio.run(open_loop("127.0.0.1", port, path, body, 2 * sustainable, args.duration))
+    r |= {"server": kind, "scenario": "rank100-overload", "sustainable_rps": sustainable, "load1": os.getloadavg()[0]}
+    print(
+        f"{kind:12s} rank100 at 2x ({r['offered_rps']:.0f} req/s offered, sustainable {sustainable:.0f}): accepted "
+        f"{r['accepted_rps']:.0f} req/s, p50 {r['p50']:.2f} ms, p99 {r['p99']:.2f} ms, 503 {r['refused_share']:.1%}, "
+        f"other {r['other']} {r['other_kinds']}",
+        flush=True,
+    )
+    return r
+
+
 def _report(results: list[dict]) -> None:
     """One table per worker count: ours-wN next to litserve-wN (ratio = our requests/s over LitServe's)."""
+    overload = [r for r in results if r["scenario"] == "rank100-overload"]
+    results = [r for r in results if r["scenario"] != "rank100-overload"]
     by = {(r["server"], r["scenario"], r["concurrency"]): r for r in results}
     print(
         "\n| endpoint | conc. | procs | ours req/s | ours p50 / p99 ms | LitServe req/s | LitServe p50 / p99 ms "
@@ -317,6 +406,16 @@ def _report(results: list[dict]) -> None:
             f"| {scenario} | {c} | {workers} | {r['rps']:.0f} | {r['p50']:.2f} / {r['p99']:.2f} | {lit} | {ratio} "
             f"| {load} |"
         )
+    if overload:
+        print(
+            "\n| server | sustainable req/s | offered req/s | accepted req/s | p50 / p99 ms (accepted) | 503 | other |"
+        )
+        print("|---|---|---|---|---|---|---|")
+        for r in overload:
+            print(
+                f"| {r['server']} | {r['sustainable_rps']:.0f} | {r['offered_rps']:.0f} | {r['accepted_rps']:.0f} "
+                f"| {r['p50']:.2f} / {r['p99']:.2f} | {r['refused_share']:.1%} | {r['other']} |"
+            )
     for server in dict.fromkeys(r["server"] for r in results):
         rank8 = by.get((server, "rank100", 8))
         if rank8:

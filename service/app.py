@@ -75,7 +75,12 @@ def create_app(settings: Settings) -> FastAPI:
         },
     )
     app.state.settings, app.state.store, app.state.batcher, app.state.metrics = settings, store, batcher, metrics
-    app.add_middleware(LimitsAndMetricsMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    app.add_middleware(
+        LimitsAndMetricsMiddleware,
+        max_body_bytes=settings.max_body_bytes,
+        metrics=metrics,
+        max_in_flight=settings.max_in_flight,
+    )
 
     install_error_handlers(app)
     for router in (scoring.router, recommend.router, operations.router):

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
         ge=0,
         description="how long a forward pass waits for more requests once one is queued (0: take what is queued)",
     )
+    max_in_flight: int = Field(
+        32,
+        ge=1,
+        description="scoring requests (/v1/score, /v1/rank, /v1/recommend) a process handles at once; more get 503 "
+        "with Retry-After at once, before their body is read (bounds the latency of the accepted ones)",
+    )
     max_queue: int = Field(512, ge=1, description="requests waiting for the model before new ones get 503")
     deadline_ms: float = Field(
         1000.0,

@@ -332,3 +332,52 @@ def test_the_published_bounds_are_the_enforced_ones(client):
         assert answer.status_code == status, (value, answer.text)
         rank = {"context": GOOD_ROW, "candidates": [{"id": "a", "dense": {"I1": value}}]}
         assert client.post("/v1/rank", json=rank).status_code == status, value
+
+
+def test_scoring_requests_past_max_in_flight_are_a_503_at_once():
+    """Two scoring requests held in the app; a third scoring one is answered 503 with Retry-After without reaching
+    the app (its body unread); other routes are not counted; once one finishes, a scoring request passes again."""
+    metrics, gate, entered = ServiceMetrics(), asyncio.Event(), []
+
+    async def app(scope, receive, send) -> None:
+        entered.append(scope["path"])
+        if scope["path"] != "/healthz":
+            await gate.wait()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    middleware = LimitsAndMetricsMiddleware(app, max_body_bytes=100, metrics=metrics, max_in_flight=2)
+
+    async def request(path: str) -> list[dict]:
+        sent, body_read = [], []
+
+        async def receive() -> dict:
+            body_read.append(path)
+            return {"type": "http.request", "body": b"{}"}
+
+        async def send(message: dict) -> None:
+            sent.append(message)
+
+        await middleware(_scope(path=path, length=b"2"), receive, send)
+        return sent
+
+    async def scenario():
+        held = [asyncio.create_task(request(p)) for p in ("/v1/score", "/v1/rank")]
+        while len(entered) < 2:
+            await asyncio.sleep(0)
+        refused = await request("/v1/recommend")
+        other = await request("/healthz")
+        gate.set()
+        await asyncio.gather(*held)
+        after = await request("/v1/score")
+        return refused, other, after
+
+    refused, other, after = asyncio.run(scenario())
+    assert refused[0]["status"] == 503 and (b"retry-after", b"1") in refused[0]["headers"]
+    assert json.loads(refused[1]["body"])["message"] == "overloaded: 2 requests in flight; retry shortly"
+    assert "/v1/recommend" not in entered  # refused before the app (and its body) was reached
+    assert other[0]["status"] == 200 and after[0]["status"] == 200 and middleware.in_flight == 0
+    assert _counts(metrics) == {
+        ("/v1/recommend", "503"): 1, ("/healthz", "200"): 1, ("/v1/score", "200"): 2, ("/v1/rank", "200"): 1
+    }  # fmt: skip
+    assert metrics.registry.get_sample_value("recsys_rejected_total", {"reason": "in_flight"}) == 1
