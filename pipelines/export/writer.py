@@ -44,6 +44,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+from tqdm import tqdm
 
 from pipelines.cli_config import config_from_dict, config_to_dict
 from pipelines.data.loader import ParquetBatchLoader, sparse_ids
@@ -242,14 +243,19 @@ def retrieval_export(run: Path, item_column: str, sparse_columns: list[str]) -> 
     return section, tensors
 
 
-def evaluate_model(model: InferenceDLRM, data_dir: Path, split: str) -> dict | None:
-    """AUC / log loss of a plain DLRM on a split of the preprocessed data (None when the split is empty)."""
+def evaluate_model(model: InferenceDLRM, data_dir: Path, split: str, progress: str | None = None) -> dict | None:
+    """AUC / log loss of a plain DLRM on a split of the preprocessed data (None when the split is empty).
+
+    ``progress``: the label of a progress bar over the split's rows (none when None).
+    """
     loader = ParquetBatchLoader(data_dir, split, EVAL_BATCH, shuffle=False)
     if loader.num_rows == 0:
         return None
     logits, labels = [], []
-    with torch.inference_mode():
+    bar = tqdm(total=loader.num_rows, desc=progress, unit="row", disable=progress is None, leave=False)
+    with torch.inference_mode(), bar:
         for batch in loader.batches():
+            bar.update(batch.labels.numel())
             logits.append(model(batch.dense_features, sparse_ids(batch)).reshape(-1))
             labels.append(batch.labels)
     return {k: finite_or_none(v) for k, v in binary_metrics(torch.cat(logits), torch.cat(labels)).items()}
@@ -266,11 +272,13 @@ def export_checkpoint(
     retrieval: Path | None = None,
     item_column: str | None = None,
     cache: str = "occupied",
+    progress: bool = False,
 ) -> dict:
     """Export ``checkpoint`` (or a run directory's) to ``out``; returns the manifest written.
 
     ``cache``: what is kept of a TT model's LFU cache (``pipelines.export.cache``): its occupied
     slots, or nothing after writing them back into the cores (``flush``, evaluated by default).
+    ``progress``: progress bars over the evaluated splits.
 
     ``retrieval`` (a ``pipelines.train_next_item`` run) with ``item_column`` adds the model of
     ``/v1/recommend``.
@@ -320,7 +328,7 @@ def export_checkpoint(
     has_cache = any(g.use_cache for g in tt_groups(model).values())
     if evaluate is None:  # on when what is stored is not what was trained: smaller cores, written-back rows
         evaluate = bool(tt_groups(model)) and (core_dtype != "fp32" or (cache == "flush" and has_cache))
-    trained_metrics = _evaluate_splits(model, data_dir) if evaluate else None
+    trained_metrics = _evaluate_splits(model, data_dir, "as trained", progress) if evaluate else None
     trained_cache_size = section["tt"]["cache_size"] if section["embeddings"] == "tt" else 0
     caches = prepare_caches(model, cache, trained_cache_size)
     if section["embeddings"] == "tt":
@@ -338,7 +346,8 @@ def export_checkpoint(
     export_eval = None
     if evaluate:
         served = model_from_tensors(section, encoder.vocab_sizes, num_dense, tensors, "the export")
-        export_eval = _gate(trained_metrics, _evaluate_splits(served, data_dir), core_dtype, caches, max_auc_drop)
+        exported_metrics = _evaluate_splits(served, data_dir, f"as exported ({core_dtype})", progress)
+        export_eval = _gate(trained_metrics, exported_metrics, core_dtype, caches, max_auc_drop)
 
     tables = table_section(exported_layout, tensors, core_dtype)
     compression = compression_section(tables, tensors)
@@ -366,7 +375,7 @@ def export_checkpoint(
     write_export(out, files, manifest)
     manifest = read_manifest(out)  # with the bytes and sha256 of every file
     log.info(
-        "wrote %s (version %s) in %.1fs: embedding tables %s stored (TT cores %s %s, cache %d rows %s, dense "
+        "wrote %s (version %s) in %.1fs: embedding tables %s stored (TT cores %s %s, cache %s rows %s, dense "
         "tables %s), %.1fx smaller than dense; files %s",
         out,
         manifest["version"],
@@ -374,7 +383,7 @@ def export_checkpoint(
         human_bytes(compression["embedding_bytes"]),
         human_bytes(compression["tt_core_bytes"]),
         core_dtype,
-        sum(t.get("cache_rows", 0) for t in tables.values()),
+        f"{sum(t.get('cache_rows', 0) for t in tables.values()):,}",
         human_bytes(compression["cache_bytes"]),
         human_bytes(compression["dense_weight_bytes"]),
         compression["ratio"],
@@ -391,8 +400,11 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return sha256_bytes("\n".join(parts).encode())
 
 
-def _evaluate_splits(model: InferenceDLRM, data_dir: Path) -> dict:
-    return {split: evaluate_model(model, data_dir, split) for split in ("validation", "test")}
+def _evaluate_splits(model: InferenceDLRM, data_dir: Path, what: str, progress: bool) -> dict:
+    return {
+        split: evaluate_model(model, data_dir, split, f"evaluate {what} ({split})" if progress else None)
+        for split in ("validation", "test")
+    }
 
 
 def _gate(trained: dict, exported: dict, core_dtype: str, caches: CacheExport, max_auc_drop: float) -> dict:
@@ -527,6 +539,7 @@ def main(argv: list[str] | None = None) -> dict:
             retrieval=args.retrieval,
             item_column=args.item_column,
             cache=args.cache,
+            progress=True,
         )
     except (ValueError, FileNotFoundError) as exc:  # a refused export is a message, not a traceback
         build_parser().exit(2, f"python -m pipelines.export: error: {exc}\n")

@@ -52,6 +52,7 @@ def export_tt(config: MainJobConfig) -> dict:
                 evaluate=True,
                 max_auc_drop=config.max_auc_drop,
                 cache=config.cache,
+                progress=True,
             )
         except AUCGateRefused as refused:
             log.warning("export with %s cores refused: %s", core_dtype, refused)
