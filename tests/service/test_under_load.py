@@ -29,47 +29,42 @@ def _post(port: int, path: str, body: dict, headers: dict | None = None) -> tupl
 
 
 def test_sigterm_finishes_the_requests_in_flight_then_exits(dense_export):
-    """Clients keep sending 4096-row requests (~0.3 s each here); SIGTERM arrives mid-load. Every request sent before
-    the signal is answered 200, those in flight at it included (none reset, none 5xx); after it the server stops
-    accepting (new connections refused, or reset if they reached the listen backlog as it closed), and exits."""
-    server = LiveServer(dense_export)
+    """Eight 4096-row requests are sent at once (about 2 s of work for the server: it takes them in turn); SIGTERM
+    arrives 0.5 s later, with all of them accepted and most not yet scored. Every one is answered 200 (none reset,
+    none 5xx); a connection attempted after the signal is not accepted; the server shuts down completely."""
+    server = LiveServer(dense_export, "--deadline-ms", "0")  # the last may wait > 1 s on a busy machine: not refused
     dense, sparse = random_rows(np.random.default_rng(3), 4096)
     body = _body(dense, sparse)
-    outcomes: list[tuple[float, float, str]] = []  # (time the request started, ended, outcome)
-    stop = threading.Event()
+    assert _post(server.port, "/v1/score", body)[0] == 200  # warm
+    outcomes: list[tuple[float, str]] = []
 
     def client() -> None:
-        while not stop.is_set():
-            start = time.monotonic()
-            try:
-                status, answer = _post(server.port, "/v1/score", body)
-                outcome = "200" if status == 200 and len(answer["scores"]) == 4096 else f"status {status}"
-            except ConnectionRefusedError:
-                outcome = "refused"  # the listening socket is closed: the request was never accepted
-                stop.set()
-            except OSError as exc:  # reset, or the server went away with the request
-                outcome = f"failed: {exc!r}"
-            outcomes.append((start, time.monotonic(), outcome))
+        try:
+            status, answer = _post(server.port, "/v1/score", body)
+            outcome = "200" if status == 200 and len(answer["scores"]) == 4096 else f"status {status}"
+        except OSError as exc:
+            outcome = f"failed: {exc!r}"
+        outcomes.append((time.monotonic(), outcome))
 
-    threads = [threading.Thread(target=client) for _ in range(4)]
+    threads = [threading.Thread(target=client) for _ in range(8)]
     for t in threads:
         t.start()
-    time.sleep(1.5)
+    time.sleep(0.5)
     signalled = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
-    exit_status = server.proc.wait(timeout=30)
-    stop.set()
+    time.sleep(0.2)
+    try:  # the listening socket is closed: a new connection is refused (or reset if it raced the close)
+        late = f"status {_post(server.port, '/v1/score', body)[0]}"
+    except OSError as exc:
+        late = type(exc).__name__
+    exit_status = server.proc.wait(timeout=60)
     for t in threads:
-        t.join(timeout=30)
-    before = [outcome for start, _, outcome in outcomes if start < signalled]
-    after = [outcome for start, _, outcome in outcomes if start >= signalled]
-    finished_after_signal = [o for start, end, o in outcomes if start < signalled < end]
-    print(f"\n{len(before)} requests sent before SIGTERM ({len(finished_after_signal)} in flight at it), "
-          f"{len(after)} after: {sorted(set(after))}")  # fmt: skip
-    assert set(before) == {"200"}, [o for o in before if o != "200"][:3]  # every request sent before: answered
-    assert finished_after_signal and set(finished_after_signal) == {"200"}  # the test did catch some in flight
-    # sent after: answered, or never accepted (refused; or reset in the listen backlog when the socket closed)
-    assert all(o in ("200", "refused") or "ConnectionResetError" in o for o in after), after
+        t.join(timeout=60)
+    finished_after = sum(1 for end, o in outcomes if end > signalled)
+    print(f"\n8 requests: {sorted(o for _, o in outcomes)}, {finished_after} finished after SIGTERM; later one: {late}")
+    assert [o for _, o in outcomes] == ["200"] * 8
+    assert finished_after > 0, "every request had finished before SIGTERM: the test did not test draining"
+    assert late in ("ConnectionRefusedError", "ConnectionResetError")
     # uvicorn ends by re-raising the signal it handled (so a supervisor sees why it stopped): -SIGTERM, after
     # a complete shutdown
     assert exit_status in (0, -signal.SIGTERM)
