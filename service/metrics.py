@@ -25,6 +25,9 @@ class ServiceMetrics:
             "recsys_forward_seconds", "time of one forward pass", buckets=_LATENCY_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("recsys_queue_depth", "requests waiting for the model", registry=r)
+        self.in_flight = Gauge(
+            "recsys_in_flight", "scoring requests being handled (counted against --max-in-flight)", registry=r
+        )
         self.rejected = Counter("recsys_rejected", "requests refused before scoring, by reason", ["reason"], registry=r)
         self.model_info = Gauge("recsys_model_info", "the model version served (value 1)", ["version"], registry=r)
         self.reloads = Counter("recsys_model_reloads", "model reload attempts by result", ["result"], registry=r)

@@ -47,10 +47,12 @@ class LimitsAndMetricsMiddleware:
                 self._record(route, 503, start)
                 return
             self.in_flight += 1
+            self.metrics.in_flight.set(self.in_flight)
             try:
                 await self._handle(scope, receive, send, route, start)
             finally:
                 self.in_flight -= 1
+                self.metrics.in_flight.set(self.in_flight)
             return
         await self._handle(scope, receive, send, route, start)
 

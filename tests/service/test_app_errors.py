@@ -365,14 +365,16 @@ def test_scoring_requests_past_max_in_flight_are_a_503_at_once():
         held = [asyncio.create_task(request(p)) for p in ("/v1/score", "/v1/rank")]
         while len(entered) < 2:
             await asyncio.sleep(0)
+        held_gauge = metrics.registry.get_sample_value("recsys_in_flight")
         refused = await request("/v1/recommend")
         other = await request("/healthz")
         gate.set()
         await asyncio.gather(*held)
         after = await request("/v1/score")
-        return refused, other, after
+        return refused, other, after, held_gauge
 
-    refused, other, after = asyncio.run(scenario())
+    refused, other, after, held_gauge = asyncio.run(scenario())
+    assert held_gauge == 2 and metrics.registry.get_sample_value("recsys_in_flight") == 0
     assert refused[0]["status"] == 503 and (b"retry-after", b"1") in refused[0]["headers"]
     assert json.loads(refused[1]["body"])["message"] == "overloaded: 2 requests in flight; retry shortly"
     assert "/v1/recommend" not in entered  # refused before the app (and its body) was reached

@@ -29,9 +29,10 @@ def _post(port: int, path: str, body: dict, headers: dict | None = None) -> tupl
 
 
 def test_sigterm_finishes_the_requests_in_flight_then_exits(dense_export):
-    """Eight 4096-row requests are sent at once (about 2 s of work for the server: it takes them in turn); SIGTERM
-    arrives 0.5 s later, with all of them accepted and most not yet scored. Every one is answered 200 (none reset,
-    none 5xx); a connection attempted after the signal is not accepted; the server shuts down completely."""
+    """Eight 4096-row requests are sent at once (0.4-2 s of work for the server: it takes them in turn); SIGTERM
+    arrives once the service's own gauge shows at least four of them in flight (accepted, not yet answered).
+    Every one is answered 200 (none reset, none 5xx); a connection attempted after the signal is not accepted;
+    the server shuts down completely."""
     server = LiveServer(dense_export, "--deadline-ms", "0")  # the last may wait > 1 s on a busy machine: not refused
     dense, sparse = random_rows(np.random.default_rng(3), 4096)
     body = _body(dense, sparse)
@@ -49,7 +50,13 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(dense_export):
     threads = [threading.Thread(target=client) for _ in range(8)]
     for t in threads:
         t.start()
-    time.sleep(0.5)
+    in_flight, deadline = 0.0, time.monotonic() + 30
+    while in_flight < 4 and time.monotonic() < deadline:  # accepted and in the app (the service's own gauge)
+        metrics = server.get("/metrics")[1]
+        in_flight = float(
+            next(line.split()[1] for line in metrics.splitlines() if line.startswith("recsys_in_flight "))
+        )
+    assert in_flight >= 4, "the requests never were in flight together"
     signalled = time.monotonic()
     server.proc.send_signal(signal.SIGTERM)
     time.sleep(0.2)
