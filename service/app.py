@@ -18,7 +18,7 @@ from fastapi import FastAPI
 from recsys.logs import setup_logging
 from service.admin import ADMIN_PREFIX
 from service.batching import MicroBatcher
-from service.body import BODY_MODELS
+from service.body import document_bodies
 from service.errors import ServiceError, install_error_handlers
 from service.metrics import ServiceMetrics
 from service.middleware import LimitsAndMetricsMiddleware
@@ -94,11 +94,7 @@ def _openapi(app: FastAPI, admin: bool) -> dict:
     admin routes when they are off: the schema offers exactly what is accepted."""
     if app.openapi_schema is None:
         schema = FastAPI.openapi(app)  # builds and caches app.openapi_schema
-        components = schema.setdefault("components", {}).setdefault("schemas", {})
-        for model in BODY_MODELS:
-            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
-            components.update(body.pop("$defs", {}))
-            components[model.__name__] = body
+        document_bodies(schema)
         if not admin:
             for path in [p for p in schema["paths"] if p.startswith(ADMIN_PREFIX)]:
                 del schema["paths"][path]

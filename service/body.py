@@ -6,8 +6,8 @@ body only to walk them again. On the hot routes (``/v1/score``, ``/v1/rank``, ``
 body is instead read as bytes and validated by pydantic-core from them. The answers to a bad body stay
 FastAPI's (a ``RequestValidationError`` with ``body`` locations, rendered by ``service.errors``); a body
 that is not JSON is decoded again by ``json.loads`` only to name the character where it breaks, as before.
-The OpenAPI schema still documents each body: :func:`documented` declares it, and ``service.app`` adds
-the models to the schema's components.
+The OpenAPI schema still documents each body: ``service.app`` calls :func:`document_bodies` when it
+builds the schema (at the first request for it, not at import: so that the mutation tests reach it).
 """
 
 from __future__ import annotations
@@ -20,19 +20,30 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 
 from service.errors import NOT_UTF8_JSON, ServiceError
+from service.schemas import RankRequest, RecommendRequest, ScoreRequest
 
 M = TypeVar("M", bound=BaseModel)
 
-BODY_MODELS: list[type[BaseModel]] = []
-"""Every model a route reads with :func:`parse_body`: ``service.app`` puts their schemas into the components."""
+HOT_ROUTE_BODIES: dict[str, type[BaseModel]] = {
+    "/v1/score": ScoreRequest,
+    "/v1/rank": RankRequest,
+    "/v1/recommend": RecommendRequest,
+}
+"""The POST routes that read their body with :func:`parse_body`, and its model (what their schema documents)."""
 
 
-def documented(model: type[BaseModel]) -> dict:
-    """``openapi_extra`` of a route whose JSON body is ``model``, read by :func:`parse_body`."""
-    if model not in BODY_MODELS:
-        BODY_MODELS.append(model)
-    schema = {"$ref": f"#/components/schemas/{model.__name__}"}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+def document_bodies(schema: dict) -> None:
+    """Declare each hot route's JSON body in an OpenAPI ``schema`` (FastAPI cannot see a body read by hand)."""
+    components = schema.setdefault("components", {}).setdefault("schemas", {})
+    for path, model in HOT_ROUTE_BODIES.items():
+        body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        components.update(body.pop("$defs", {}))
+        components[model.__name__] = body
+        reference = {"$ref": f"#/components/schemas/{model.__name__}"}
+        schema["paths"][path]["post"]["requestBody"] = {
+            "required": True,
+            "content": {"application/json": {"schema": reference}},
+        }
 
 
 async def parse_body(request: Request, model: type[M]) -> M:

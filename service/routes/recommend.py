@@ -10,7 +10,7 @@ import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
-from service.body import documented, parse_body
+from service.body import parse_body
 from service.deps import Scorer, ScorerDep, json_response
 from service.errors import ServiceError
 from service.schemas import ErrorResponse, RecommendedItem, RecommendRequest, RecommendResponse
@@ -22,7 +22,6 @@ router = APIRouter(tags=["model"])
     "/v1/recommend",
     response_model=RecommendResponse,
     responses={501: {"model": ErrorResponse, "description": "the model has no retrieval (LSH) layer"}},
-    openapi_extra=documented(RecommendRequest),
 )
 async def recommend(request: Request, scorer: ScorerDep) -> Response:
     """Items retrieved by the export's LSH output layer from the user's history, re-ranked by the DLRM.

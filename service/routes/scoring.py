@@ -13,7 +13,7 @@ from fastapi.responses import Response
 
 from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
 from recsys.serving.features import Overrides
-from service.body import documented, parse_body
+from service.body import parse_body
 from service.deps import Scorer, ScorerDep, json_response
 from service.errors import ServiceError
 from service.schemas import RankedItem, RankRequest, RankResponse, ScoreRequest, ScoreResponse
@@ -24,7 +24,7 @@ _DENSE_INDEX = {name: i for i, name in enumerate(DENSE_COLUMNS)}
 _SPARSE_INDEX = {name: i for i, name in enumerate(SPARSE_COLUMNS)}
 
 
-@router.post("/v1/score", response_model=ScoreResponse, openapi_extra=documented(ScoreRequest))
+@router.post("/v1/score", response_model=ScoreResponse)
 async def score(request: Request, scorer: ScorerDep) -> Response:
     """Click probability of each raw Criteo row, preprocessed exactly as in training."""
     return await score_rows(await parse_body(request, ScoreRequest), scorer)
@@ -36,7 +36,7 @@ async def score_rows(body: ScoreRequest, scorer: Scorer) -> Response:
     return json_response(ScoreResponse.model_construct(scores=scores.tolist(), model=scorer.model.version))
 
 
-@router.post("/v1/rank", response_model=RankResponse, openapi_extra=documented(RankRequest))
+@router.post("/v1/rank", response_model=RankResponse)
 async def rank(request: Request, scorer: ScorerDep) -> Response:
     """Candidates sorted by click probability: each candidate is the context row with its own columns."""
     return await rank_candidates(await parse_body(request, RankRequest), scorer)
