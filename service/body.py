@@ -48,7 +48,7 @@ def document_bodies(schema: dict) -> None:
 
 async def parse_body(request: Request, model: type[M]) -> M:
     """The request's body as ``model``; a ``RequestValidationError`` as FastAPI's body parameter would raise."""
-    raw = await request.body()
+    raw = (await request.body()).removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark: ignored (RFC 8259 8.1)
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:
@@ -66,5 +66,5 @@ def _not_json(raw: bytes) -> Exception:
         return ServiceError(422, NOT_UTF8_JSON)
     except json.JSONDecodeError as exc:
         return RequestValidationError([{"type": "json_invalid", "loc": ("body", exc.pos), "msg": "JSON decode error"}])
-    # json.loads takes what pydantic-core does not (NaN, lone surrogates, numbers past its limits)
+    # json.loads takes what pydantic-core does not (a lone surrogate escape such as "\\ud800")
     return RequestValidationError([{"type": "json_invalid", "loc": ("body",), "msg": "JSON decode error"}])

@@ -170,6 +170,9 @@ def test_recommend_edges_one_or_no_item_retrieved_and_ties_in_retrieval_order(cl
 
     monkeypatch.setattr(served.retrieval, "retrieve", lambda h, n: (np.empty(0, np.int64), np.empty(0)))
     assert recommend(5, 10) == {"items": [], "retrieved": 0, "ignored_history": 0, "model": version}
+    history.append(2**32 - 1)  # not in the catalogue: counted also when nothing is retrieved
+    assert recommend(5, 10) == {"items": [], "retrieved": 0, "ignored_history": 1, "model": version}
+    history.pop()
 
     first_items, first_scores = real_retrieve(history, 10)
     monkeypatch.setattr(served.retrieval, "retrieve", lambda h, n: (first_items[:1], first_scores[:1]))
@@ -203,6 +206,8 @@ def test_recommend_refusals(client, dense_export):
         assert answer.status_code == 200, answer.text
         assert answer.json() == known | {"ignored_history": len(unknown) - 2}
     assert client.post("/v1/recommend", json={"context": context, "history": [0]}).json()["ignored_history"] == 1
+    ends = [1, NUM_ITEMS]  # the catalogue's first and last items (1-based ids): both held
+    assert client.post("/v1/recommend", json={"context": context, "history": ends}).json()["ignored_history"] == 0
     with TestClient(create_app(Settings(model=dense_export))) as plain:
         answer = plain.post("/v1/recommend", json={"context": context})
         version = manifest_of(dense_export)["version"]
@@ -503,6 +508,25 @@ def test_the_schema_offers_the_admin_routes_only_when_they_are_on(dense_export):
         assert ("/v1/admin/reload" in schema["paths"]) is offered
         assert ("securitySchemes" in schema.get("components", {})) is offered
         assert "/v1/score" in schema["paths"] and "/v1/model" in schema["paths"]
+
+
+def test_the_schema_documents_each_hot_route_body_as_its_model(dense_export):
+    """/v1/score, /v1/rank and /v1/recommend read their body by hand: the schema still declares it, required, as
+    the pydantic model's own JSON schema (by hand here), its sub-models in the components."""
+    from service.schemas import RankRequest, RecommendRequest, ScoreRequest
+
+    with TestClient(create_app(Settings(model=dense_export))) as client:
+        schema = client.get("/openapi.json").json()
+    components = schema["components"]["schemas"]
+    for path, model in (("/v1/score", ScoreRequest), ("/v1/rank", RankRequest), ("/v1/recommend", RecommendRequest)):
+        reference = {"$ref": f"#/components/schemas/{model.__name__}"}
+        body = schema["paths"][path]["post"]["requestBody"]
+        assert body == {"required": True, "content": {"application/json": {"schema": reference}}}, path
+        expected = json.loads(json.dumps(model.model_json_schema(ref_template="#/components/schemas/{model}")))
+        for name, definition in expected.pop("$defs", {}).items():
+            assert components[name] == definition, (path, name)
+        assert components[model.__name__] == expected, path
+    assert {"Row", "Candidate"} <= set(components)
 
 
 def test_an_empty_admin_token_is_refused():
