@@ -24,7 +24,7 @@ import service.app
 from pipelines.export.writer import export_checkpoint
 from recsys.serving import MODEL_FILE
 from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
-from service.app import app_from_environment, create_app
+from service.app import LimitsAndMetricsMiddleware, app_from_environment, create_app
 from service.settings import Settings
 
 from .conftest import ADMIN, ADMIN_TOKEN, NUM_ITEMS, random_rows, training_scores
@@ -532,3 +532,16 @@ def test_the_schema_documents_each_hot_route_body_as_its_model(dense_export):
 def test_an_empty_admin_token_is_refused():
     with pytest.raises(ValueError, match="admin_token"):
         Settings(model=Path("x"), admin_token="")
+
+
+def test_the_overload_settings_reach_the_parts_that_apply_them(dense_export):
+    """--max-in-flight reaches the middleware, --deadline-ms the batcher (both default and set)."""
+    for settings, in_flight, deadline_s in (
+        (Settings(model=dense_export), 32, 1.0),
+        (Settings(model=dense_export, max_in_flight=3, deadline_ms=50), 3, 0.05),
+        (Settings(model=dense_export, deadline_ms=0), 32, float("inf")),
+    ):
+        app = create_app(settings)
+        limits = next(m for m in app.user_middleware if m.cls is LimitsAndMetricsMiddleware)
+        assert limits.kwargs["max_in_flight"] == in_flight
+        assert app.state.batcher.deadline == deadline_s
