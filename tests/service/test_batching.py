@@ -514,3 +514,19 @@ def test_concurrent_reloads_share_one_load(tt_run, tmp_path, monkeypatch):
     assert len(loads) == 2  # the first load, then one for the five calls
     assert {(r.reloaded, r.version, r.previous) for r in results} == {(True, "new", "old")}
     assert store.current.version == "new"
+
+
+def test_a_late_job_is_told_the_deadline_it_missed():
+    """The message names the batcher's deadline in whole ms (600 here: a wrong scale would read 601 or 599)."""
+    from service.batching import _Job
+
+    async def scenario():
+        batcher = MicroBatcher(max_batch_rows=8, max_wait_ms=0, max_queue=8, deadline_ms=600)
+        loop = asyncio.get_running_loop()
+        late, on_time = (_Job("m", *encoded_rows(1), loop.create_future(), deadline=d) for d in (9.0, 11.0))
+        kept = batcher._answer_late([late, on_time], now=10.0)
+        return kept, on_time, late.future.exception()
+
+    kept, on_time, error = asyncio.run(scenario())
+    assert kept == [on_time] and isinstance(error, DeadlineExceededError)
+    assert str(error) == "waited over 600 ms for the model"
