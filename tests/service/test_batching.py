@@ -530,3 +530,6 @@ def test_a_late_job_is_told_the_deadline_it_missed():
     kept, on_time, error = asyncio.run(scenario())
     assert kept == [on_time] and isinstance(error, DeadlineExceededError)
     assert str(error) == "waited over 600 ms for the model"
+    # any positive deadline is one, a sub-millisecond one too; 0 (and only 0 or less) means none
+    assert MicroBatcher(8, 0, 8, deadline_ms=0.5).deadline == 0.0005
+    assert MicroBatcher(8, 0, 8, deadline_ms=0).deadline == float("inf")
