@@ -192,16 +192,6 @@ def dequantize(stored: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor
     return stored.float()
 
 
-def compressed_table_bytes(report: dict, core_dtype: str) -> int:
-    """Bytes of a TT table's cores stored as ``core_dtype`` (int8 adds one float32 scale per core row)."""
-    fp32 = report["bytes"]
-    if core_dtype == "fp16":
-        return fp32 // 2
-    if core_dtype == "int8":
-        return fp32 // 4 + 4 * sum(report["p_shapes"])
-    return fp32
-
-
 def finite_or_none(value: Any) -> Any:
     """JSON has no NaN: metrics that are NaN (AUC of a one-class split) become null."""
     return None if isinstance(value, float) and not math.isfinite(value) else value

@@ -15,7 +15,6 @@ from recsys.serving.format import (
     MANIFEST_FILE,
     SCALE_SUFFIX,
     ExportFormatError,
-    compressed_table_bytes,
     dequantize,
     finite_or_none,
     quantize,
@@ -69,13 +68,6 @@ def test_int8_of_an_all_zero_row_stays_zero_and_unknown_dtypes_are_refused():
     with pytest.raises(ExportFormatError, match="without its scales"):
         dequantize(stored[""], None)
     assert CORE_DTYPES == ("fp32", "fp16", "int8")
-
-
-def test_compressed_table_bytes_by_hand():
-    report = {"bytes": 4 * 1000, "p_shapes": [10, 20, 5]}
-    sizes = {dtype: compressed_table_bytes(report, dtype) for dtype in ("fp32", "fp16", "int8")}
-    assert sizes == {"fp32": 4000, "fp16": 2000, "int8": 1000 + 4 * (10 + 20 + 5)}
-    assert all(type(n) is int for n in sizes.values())  # bytes: the manifest writes them as JSON integers
 
 
 def test_sha256_and_json_safe_metrics():
