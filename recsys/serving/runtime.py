@@ -178,17 +178,19 @@ class Retrieval:
         order = np.argsort(self.item_ids, kind="stable")
         self._sorted_ids, self._sorted_classes = self.item_ids[order], order
 
-    def in_catalogue(self, items: Sequence[int]) -> np.ndarray:
-        """``(len(items),)`` bool: which item ids the catalogue holds (a history may name newer items)."""
+    def _find(self, items: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """(position in the sorted catalogue, whether the item is there) of each item id."""
         items_array = np.asarray(items, dtype=np.int64).reshape(-1)
         at = np.searchsorted(self._sorted_ids, items_array).clip(max=len(self._sorted_ids) - 1)
-        return self._sorted_ids[at] == items_array
+        return at, self._sorted_ids[at] == items_array
+
+    def in_catalogue(self, items: Sequence[int]) -> np.ndarray:
+        """``(len(items),)`` bool: which item ids the catalogue holds (a history may name newer items)."""
+        return self._find(items)[1]
 
     def classes_of(self, items: Sequence[int], field_name: str = "history") -> np.ndarray:
         """Item ids -> class ids; raises ``ValueError`` naming ``field_name[i]`` for an item not in the catalogue."""
-        items_array = np.asarray(items, dtype=np.int64).reshape(-1)
-        at = np.searchsorted(self._sorted_ids, items_array).clip(max=len(self._sorted_ids) - 1)
-        known = self._sorted_ids[at] == items_array
+        at, known = self._find(items)
         if not known.all():
             i = int(np.flatnonzero(~known)[0])
             raise ValueError(f"{field_name}[{i}]: item {items[i]} is not in the catalogue of {self.num_items} items")
