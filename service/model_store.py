@@ -36,7 +36,6 @@ class ModelStore:
         self.current: ExportedModel | None = None
         self.last_error: str | None = None
         self._digest: str | None = None
-        self._lock = asyncio.Lock()
         self._watcher: asyncio.Task | None = None
         self._running: asyncio.Future | None = None  # the reload in progress, which concurrent calls share
 
@@ -57,28 +56,28 @@ class ModelStore:
         return await asyncio.shield(self._running)
 
     async def _reload(self, force: bool) -> ReloadResult:
-        async with self._lock:
-            previous = self.current.version if self.current else None
-            digest = self._read_digest()
-            if not force and self.current is not None and digest == self._digest:
-                return ReloadResult(False, self.current.version, previous)
-            try:
-                model = await asyncio.to_thread(load_exported, self.path)
-            except (ExportFormatError, OSError, ValueError, KeyError) as exc:
-                self.last_error = str(exc)
-                if self.metrics:
-                    self.metrics.reloads.labels(result="refused").inc()
-                log.error("could not load %s: %s; still serving %s", self.path, exc, previous or "nothing")
-                raise ExportFormatError(str(exc)) from exc
-            # warm up outside the request path: the first pass builds caches
-            await asyncio.to_thread(_warm_up, model)
-            self.current, self._digest, self.last_error = model, digest, None
+        """One reload at a time: :meth:`reload` starts one only when none is running."""
+        previous = self.current.version if self.current else None
+        digest = self._read_digest()
+        if not force and self.current is not None and digest == self._digest:
+            return ReloadResult(False, self.current.version, previous)
+        try:
+            model = await asyncio.to_thread(load_exported, self.path)
+        except (ExportFormatError, OSError, ValueError, KeyError) as exc:
+            self.last_error = str(exc)
             if self.metrics:
-                self.metrics.reloads.labels(result="loaded").inc()
-                self.metrics.set_model(model.version)
-            if previous is not None:
-                log.info("now serving %s (was %s)", model.version, previous)
-            return ReloadResult(previous != model.version or force, model.version, previous)
+                self.metrics.reloads.labels(result="refused").inc()
+            log.error("could not load %s: %s; still serving %s", self.path, exc, previous or "nothing")
+            raise ExportFormatError(str(exc)) from exc
+        # warm up outside the request path: the first pass builds caches
+        await asyncio.to_thread(_warm_up, model)
+        self.current, self._digest, self.last_error = model, digest, None
+        if self.metrics:
+            self.metrics.reloads.labels(result="loaded").inc()
+            self.metrics.set_model(model.version)
+        if previous is not None:
+            log.info("now serving %s (was %s)", model.version, previous)
+        return ReloadResult(previous != model.version or force, model.version, previous)
 
     def start_watching(self, interval_s: float) -> None:
         """Poll ``manifest.sha256`` every ``interval_s`` seconds and reload when it changes."""
