@@ -7,11 +7,12 @@ fbgemm's table-batched embedding kernels with the optimizer fused into the backw
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -64,6 +65,26 @@ def init_process_group(device: str = "auto") -> ProcessInfo:
         else:
             dist.init_process_group(backend=backend, store=dist.HashStore(), rank=0, world_size=1)
     return ProcessInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), device=dev)
+
+
+@contextlib.contextmanager
+def owned_process_group() -> Iterator[None]:
+    """Destroy, when the block ends cleanly, a process group that was made inside it.
+
+    Left to the interpreter's exit, gloo's worker threads may still hold work whose tensors
+    need the GIL while the interpreter is torn down, and a torchrun rank of a finished run ends
+    in ``terminate called without an active exception`` (SIGABRT; pytorch/pytorch#179291).
+    The ranks meet at a barrier first, so none tears its group down while a peer still talks to
+    it. After an error nothing is destroyed: the peers may be mid-collective, and destroying
+    then can hang (torchtitan#1342); the process is failing anyway. A group that existed
+    before the block (a caller's) is left alone.
+    """
+    made_here = not dist.is_initialized()
+    yield
+    if made_here and dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 class FusedTableSharder(EmbeddingBagCollectionSharder):

@@ -31,6 +31,7 @@ from pipelines.training.distributed import (
     EMBEDDING_OPTIMIZERS,
     init_embedding_tables,
     init_process_group,
+    owned_process_group,
     shard_with_fused_optimizer,
 )
 from pipelines.training.engine import Engine, LoopConfig, write_report
@@ -415,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> dict:
     args, config = start_command(build_parser(), TrainConfig, argv)
-    trainer = Trainer(config, args.data, args.out, resume=args.resume, progress=not args.no_progress)
-    return trainer.run()
+    with owned_process_group():
+        trainer = Trainer(config, args.data, args.out, resume=args.resume, progress=not args.no_progress)
+        return trainer.run()
 
 
 if __name__ == "__main__":
