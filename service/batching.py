@@ -45,6 +45,7 @@ class _Job:
     ids: np.ndarray  # (n, 26) int64
     future: asyncio.Future = field(repr=False)
     deadline: float = float("inf")  # loop time after which the job is answered instead of scored
+    variants: bool = False  # the rows are variants of one row (a rank request): scored as one group
 
     @property
     def rows(self) -> int:
@@ -95,8 +96,11 @@ class MicroBatcher:
                 await self._worker
         self._executor.shutdown(wait=True)
 
-    async def score(self, model: ExportedModel, dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
-        """Click probabilities (n,) of encoded rows.
+    async def score(
+        self, model: ExportedModel, dense: np.ndarray, ids: np.ndarray, variants: bool = False
+    ) -> np.ndarray:
+        """Click probabilities (n,) of encoded rows; ``variants``: they are one row with a few columns changed
+        (a rank request's candidates), and the forward pass computes what they share once.
 
         Raises :class:`QueueFullError` when ``max_queue`` requests wait already, and
         :class:`DeadlineExceededError` when this one waited ``deadline_ms`` without its pass starting.
@@ -106,7 +110,7 @@ class MicroBatcher:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         try:
-            self._queue.put_nowait(_Job(model, dense, ids, future, loop.time() + self.deadline))
+            self._queue.put_nowait(_Job(model, dense, ids, future, loop.time() + self.deadline, variants))
         except asyncio.QueueFull:
             raise QueueFullError(f"{self.max_queue} requests are already waiting for the model") from None
         if self.metrics:
@@ -190,5 +194,20 @@ def _forward(jobs: list[_Job]) -> tuple[np.ndarray, float]:
     else:
         dense = np.concatenate([j.dense for j in jobs])
         ids = np.concatenate([j.ids for j in jobs])
-    scores = jobs[0].model.predict(dense, ids)
+    scores = jobs[0].model.predict(dense, ids, _groups(jobs))
     return scores, time.perf_counter() - tick
+
+
+def _groups(jobs: list[_Job]) -> np.ndarray | None:
+    """Group ids of the pass's rows: one per variants job, one per row of the others (None: no variants)."""
+    if not any(job.variants for job in jobs):
+        return None
+    parts, next_group = [], 0
+    for job in jobs:
+        if job.variants:
+            parts.append(np.full(job.rows, next_group, dtype=np.int64))
+            next_group += 1
+        else:
+            parts.append(np.arange(next_group, next_group + job.rows, dtype=np.int64))
+            next_group += job.rows
+    return np.concatenate(parts)

@@ -58,9 +58,10 @@ class Scorer:
             raise ServiceError(422, str(exc)) from exc
         return await self.encoded(*encoded)
 
-    async def encoded(self, dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    async def encoded(self, dense: np.ndarray, ids: np.ndarray, variants: bool = False) -> np.ndarray:
+        """Probabilities of encoded rows; ``variants``: the candidates of one context (see ``MicroBatcher.score``)."""
         try:
-            return await self.batcher.score(self.model, dense, ids)
+            return await self.batcher.score(self.model, dense, ids, variants)
         except QueueFullError as exc:
             self.metrics.rejected.labels(reason="queue_full").inc()
             raise ServiceError(503, f"overloaded: {exc}; retry shortly", {"Retry-After": "1"}) from exc

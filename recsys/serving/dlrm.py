@@ -70,18 +70,60 @@ class _OverArch(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def first_layer(self) -> nn.Linear:
+        """The linear layer the interaction's output enters (the grouped forward splits it by input)."""
+        hidden = self.model[0]._mlp
+        return hidden[0]._linear if len(hidden) else self.model[1]
+
+    def after_first_layer(self, pre: torch.Tensor) -> torch.Tensor:
+        """The rest of the network from the first layer's output before its activation."""
+        hidden = self.model[0]._mlp
+        if not len(hidden):
+            return pre
+        return self.model[1](hidden[1:](torch.relu(pre)))
+
 
 class _DotInteraction(nn.Module):
-    """torchrec ``InteractionArch``: the dense vector and the upper triangle of all pairwise dots."""
+    """torchrec ``InteractionArch``: the dense vector and the upper triangle of all pairwise dots.
+
+    The triangle is read with one ``index_select`` over the flattened dot matrix (half the time of
+    indexing it by row and column, the same values).
+    """
 
     def __init__(self, num_sparse: int) -> None:
         super().__init__()
-        self.register_buffer("triu_indices", torch.triu_indices(num_sparse + 1, num_sparse + 1, offset=1), False)
+        size = num_sparse + 1
+        triu = torch.triu_indices(size, size, offset=1)
+        self.register_buffer("triu_indices", triu, False)
+        self.register_buffer("_triu_flat", triu[0] * size + triu[1], False)
+        self.size = size
+        self._pairs_of: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
 
     def forward(self, dense: torch.Tensor, sparse: torch.Tensor) -> torch.Tensor:
         combined = torch.cat((dense.unsqueeze(1), sparse), dim=1)  # (B, F + 1, D)
+        return torch.cat((dense, self.dots(combined)), dim=1)
+
+    def dots(self, combined: torch.Tensor) -> torch.Tensor:
+        """``(B, F + 1, D)`` vectors -> ``(B, P)`` dots of every pair ``i < j``, in ``triu_indices`` order."""
         interactions = torch.bmm(combined, combined.transpose(1, 2))
-        return torch.cat((dense, interactions[:, self.triu_indices[0], self.triu_indices[1]]), dim=1)
+        return interactions.flatten(1).index_select(1, self._triu_flat)
+
+    def pairs_with(self, varying: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The pairs that hold a vector of ``varying``: their places in the triangle, and where each pair's
+        dot is in the flattened ``(|varying|, F + 1)`` dots of the varying vectors with all of them."""
+        key = tuple(varying)
+        if key not in self._pairs_of:
+            if len(self._pairs_of) >= 256:  # requests that vary many different column sets: keep it bounded
+                self._pairs_of.clear()
+            row_of = {v: k for k, v in enumerate(key)}
+            places, flat = [], []
+            for p, (i, j) in enumerate(zip(*self.triu_indices.tolist(), strict=True)):
+                if i in row_of or j in row_of:
+                    row, other = (row_of[i], j) if i in row_of else (row_of[j], i)
+                    places.append(p)
+                    flat.append(row * self.size + other)
+            self._pairs_of[key] = (torch.tensor(places, dtype=torch.int64), torch.tensor(flat, dtype=torch.int64))
+        return self._pairs_of[key]
 
 
 class _LowRankCrossNet(nn.Module):
@@ -132,6 +174,11 @@ class DenseTables(nn.Module):
         """``(B,)`` ids -> ``(B, D)``: a bag of one id is its row."""
         return F.embedding(ids, self.embedding_bags[table].weight)
 
+    def rows_of(self, lookups: Sequence[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """``(column, ids (n,))`` pairs -> the ``(n, D)`` rows of each."""
+        names = list(self.embedding_bags)
+        return [self.lookup(names[c], ids) for c, ids in lookups]
+
 
 class TTTables(nn.Module):
     """The tables of a ``TTEmbeddingBagCollection`` for inference: one TT group and the dense rest.
@@ -177,25 +224,35 @@ class TTTables(nn.Module):
             }
         return report
 
-    def pooled(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        """``(B, F)`` ids -> ``F`` tensors ``(B, D)`` in table order; the TT ones in one lookup."""
-        batch = ids.shape[0]
-        outside = (ids < 0) | (ids >= self._rows)
+    def rows_of(self, lookups: Sequence[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
+        """``(column, ids (n,))`` pairs -> the ``(n, D)`` rows of each; every TT one in a single lookup.
+
+        One lookup, not one per table or per call: the TT path's fixed cost (deduplication, cache
+        search, the kernel's set-up) is paid once, and rows asked twice are computed once.
+        """
+        columns = [c for c, _ in lookups]
+        sizes = torch.tensor([len(ids) for _, ids in lookups])
+        values = torch.cat([ids for _, ids in lookups])
+        outside = (values < 0) | (values >= self._rows[columns].repeat_interleave(sizes))
         if bool(outside.any()):  # the TT kernels do not bound-check
-            row, column = outside.nonzero()[0].tolist()
-            raise IndexError(
-                f"{self.tables[column]}: id {int(ids[row, column])} outside its {int(self._rows[column])} rows"
-            )
-        out: dict[str, torch.Tensor] = {}
-        if self.tt_index:
-            values = (ids[:, self._tt_columns] + self._tt_starts).t().reshape(-1)  # table-major, as a KJT is key-major
-            offsets = torch.arange(values.numel() + 1, device=ids.device)
-            pooled = self.tt_groups[TT_GROUP].lookup_global(values, offsets, None)
-            out = {t: pooled[i * batch : (i + 1) * batch] for t, i in self.tt_index.items()}
-        for c, t in enumerate(self.tables):
-            if t not in out:
-                out[t] = self.dense.lookup(t, ids[:, c])
-        return [out[t] for t in self.tables]
+            for c, ids in lookups:
+                bad = ids[(ids < 0) | (ids >= self._rows[c])]
+                if len(bad):
+                    raise IndexError(f"{self.tables[c]}: id {int(bad[0])} outside its {int(self._rows[c])} rows")
+        group_index = [self.tt_index.get(self.tables[c], -1) for c in columns]  # -1: a dense table
+        rows: list[torch.Tensor | None] = [None] * len(lookups)
+        if max(group_index) >= 0:
+            start = [int(self._tt_starts[i]) if i >= 0 else -1 for i in group_index]
+            per_value = torch.tensor(start).repeat_interleave(sizes)
+            global_rows = (values + per_value)[per_value >= 0]
+            offsets = torch.arange(len(global_rows) + 1)  # one id per bag
+            found = self.tt_groups[TT_GROUP].lookup_global(global_rows, offsets, None)
+            tt_rows = iter(found.split([int(n) for n, i in zip(sizes, group_index, strict=True) if i >= 0]))
+            rows = [next(tt_rows) if i >= 0 else None for i in group_index]
+        return [
+            found_rows if found_rows is not None else self.dense.lookup(self.tables[c], ids)
+            for found_rows, (c, ids) in zip(rows, lookups, strict=True)
+        ]
 
 
 class _Table:
@@ -211,12 +268,8 @@ class _SparseArch(nn.Module):
         self.embedding_bag_collection = tables
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        tables = self.embedding_bag_collection
-        if isinstance(tables, DenseTables):
-            pooled = [tables.lookup(t, ids[:, c]) for c, t in enumerate(tables.embedding_bags)]
-        else:
-            pooled = tables.pooled(ids)
-        return torch.stack(pooled, dim=1)  # (B, F, D)
+        """``(B, F)`` ids -> ``(B, F, D)``."""
+        return torch.stack(self.embedding_bag_collection.rows_of(list(enumerate(ids.t()))), dim=1)
 
 
 class InferenceDLRM(nn.Module):
@@ -250,8 +303,63 @@ class InferenceDLRM(nn.Module):
         """Per table ``t_<feature>``: kind, rows, bytes as stored in float32, dense bytes, TT shapes."""
         return self.sparse_arch.embedding_bag_collection.table_report()
 
-    def forward(self, dense: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, dense: torch.Tensor, ids: torch.Tensor, group: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, 1)`` logits; ``group`` (``(B,)``, non-decreasing) marks rows that are variants of one row.
+
+        Rows of one group (a rank request's candidates: the context row with a few columns of their
+        own) share what does not vary within it: the shared columns' embeddings, the bottom MLP when
+        the dense values are shared, and the dots between shared vectors are computed once per group
+        from its first row, and only the varying columns per row. The logits are the plain forward's
+        (to float rounding: dots summed in other batch shapes). Without ``group``, every row alone.
+        """
         if ids.dim() != 2 or ids.shape[1] != self.num_sparse or ids.shape[0] != dense.shape[0]:
             raise ValueError(f"ids must be (B, {self.num_sparse}) with B = {dense.shape[0]}, got {tuple(ids.shape)}")
-        embedded = self.sparse_arch(ids)
-        return self.over_arch(self.inter_arch(self.dense_arch(dense), embedded))
+        if group is None:
+            embedded = self.sparse_arch(ids)
+            return self.over_arch(self.inter_arch(self.dense_arch(dense), embedded))
+        if group.shape != (ids.shape[0],) or bool((group[1:] < group[:-1]).any()):
+            raise ValueError(f"group must be ({ids.shape[0]},) and non-decreasing, got {tuple(group.shape)}")
+        return self._forward_grouped(dense, ids, group)
+
+    def _forward_grouped(self, dense: torch.Tensor, ids: torch.Tensor, group: torch.Tensor) -> torch.Tensor:
+        """Logits of grouped rows: the group's first row whole, the others as differences from it."""
+        _, owner, counts = torch.unique_consecutive(group, return_inverse=True, return_counts=True)
+        first = counts.cumsum(0) - counts  # each group's first row: the one the others are compared with
+        first_dense, first_ids = dense.index_select(0, first), ids.index_select(0, first)
+        varying_columns = (ids != first_ids.index_select(0, owner)).any(0).nonzero().flatten().tolist()
+        dense_varies = bool((dense != first_dense.index_select(0, owner)).any())
+        x_first = self.dense_arch(first_dense)
+        tables = self.sparse_arch.embedding_bag_collection
+        first_columns = list(enumerate(first_ids.t()))
+        found = tables.rows_of(first_columns + [(c, ids[:, c]) for c in varying_columns])
+        shared = torch.cat((x_first.unsqueeze(1), torch.stack(found[: self.num_sparse], dim=1)), dim=1)  # (R, F+1, D)
+        if not varying_columns and not dense_varies:  # every row is its group's first
+            return self.over_arch(self.inter_arch(x_first, shared[:, 1:])).index_select(0, owner)
+
+        combined = shared.index_select(
+            0, owner
+        )  # (B, F + 1, D): each row its group's vectors, then its own where they vary
+        if dense_varies:
+            combined[:, 0] = self.dense_arch(dense)
+        if varying_columns:
+            combined[:, [c + 1 for c in varying_columns]] = torch.stack(found[self.num_sparse :], dim=1)
+        if not isinstance(self.inter_arch, _DotInteraction):  # the cross net mixes every vector: no shared part
+            return self.over_arch(self.inter_arch.crossnet(combined.reshape(len(combined), -1)))
+
+        # The interaction's output z = (x, dots) enters the over arch through W z + b. A row differs from its
+        # group's first row only in the entries touching a varying vector, so W z + b = (W z_first + b) +
+        # W[:, changed] (z - z_first)[changed]: a few dozen of the hundreds of columns of W per row.
+        varying = ([0] if dense_varies else []) + [c + 1 for c in varying_columns]
+        places, flat = self.inter_arch.pairs_with(varying)
+        width = x_first.shape[1]
+        changed = places + width
+        z_changed = torch.bmm(combined[:, varying], combined.transpose(1, 2)).flatten(1).index_select(1, flat)
+        if dense_varies:
+            changed = torch.cat((torch.arange(width), changed))
+            z_changed = torch.cat((combined[:, 0], z_changed), dim=1)
+        z_first = torch.cat((x_first, self.inter_arch.dots(shared)), dim=1)  # (R, Z)
+        layer = self.over_arch.first_layer()
+        pre_first = F.linear(z_first, layer.weight, layer.bias)
+        delta = z_changed - z_first[:, changed].index_select(0, owner)
+        pre = pre_first.index_select(0, owner) + F.linear(delta, layer.weight[:, changed])
+        return self.over_arch.after_first_layer(pre)

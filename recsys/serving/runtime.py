@@ -260,15 +260,20 @@ class ExportedModel:
         return self.manifest["version"]
 
     @torch.inference_mode()
-    def logits(self, dense: np.ndarray, sparse_ids: np.ndarray) -> torch.Tensor:
-        """(B,) logits of encoded rows (dense (B, 13) float32, ids (B, 26) int64)."""
+    def logits(self, dense: np.ndarray, sparse_ids: np.ndarray, group: np.ndarray | None = None) -> torch.Tensor:
+        """(B,) logits of encoded rows (dense (B, 13) float32, ids (B, 26) int64).
+
+        ``group`` (B,) int64, non-decreasing: rows of one group are variants of one row (a rank request's
+        candidates), scored sharing what they have in common (``InferenceDLRM.forward``); the same scores.
+        """
         if len(dense) == 0:
             return torch.empty(0)
-        return self.model(torch.from_numpy(dense), torch.from_numpy(sparse_ids)).reshape(-1)
+        group_tensor = None if group is None else torch.from_numpy(group)
+        return self.model(torch.from_numpy(dense), torch.from_numpy(sparse_ids), group_tensor).reshape(-1)
 
-    def predict(self, dense: np.ndarray, sparse_ids: np.ndarray) -> np.ndarray:
-        """(B,) click probabilities (float64) of encoded rows."""
-        return torch.sigmoid(self.logits(dense, sparse_ids).double()).numpy()
+    def predict(self, dense: np.ndarray, sparse_ids: np.ndarray, group: np.ndarray | None = None) -> np.ndarray:
+        """(B,) click probabilities (float64) of encoded rows (``group``: see :meth:`logits`)."""
+        return torch.sigmoid(self.logits(dense, sparse_ids, group).double()).numpy()
 
     def score_rows(self, dense: Sequence[Sequence[int | None]], sparse: Sequence[Sequence[str | None]]) -> np.ndarray:
         """Raw Criteo rows -> click probabilities: the offline reference of the service's /v1/score."""
@@ -290,7 +295,7 @@ class ExportedModel:
         if self.retrieval is None:
             raise ValueError("this export has no retrieval model (export with --retrieval)")
         items, retrieval_scores = self.retrieval.retrieve(history, candidates)
-        probabilities = self.predict(*self.encode_items(items, dense, sparse))
+        probabilities = self.predict(*self.encode_items(items, dense, sparse), np.zeros(len(items), np.int64))
         order = np.argsort(-probabilities, kind="stable")[:k]
         return [(int(items[i]), float(probabilities[i]), float(retrieval_scores[i])) for i in order]
 

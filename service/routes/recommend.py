@@ -54,7 +54,7 @@ async def recommend_items(body: RecommendRequest, scorer: Scorer) -> Response:
         encoded = model.encode_items(items, body.context.dense, body.context.sparse)
     except ValueError as exc:
         raise ServiceError(422, str(exc)) from exc
-    scores = await scorer.encoded(*encoded)
+    scores = await scorer.encoded(*encoded, variants=True)
     order = np.argsort(-scores, kind="stable")[: body.top_k]
     answer = [
         RecommendedItem.model_construct(

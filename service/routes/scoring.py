@@ -61,7 +61,7 @@ async def rank_candidates(body: RankRequest, scorer: Scorer) -> Response:
         )
     except ValueError as exc:
         raise ServiceError(422, str(exc)) from exc
-    scores = await scorer.encoded(*encoded)
+    scores = await scorer.encoded(*encoded, variants=True)
     order = np.argsort(-scores, kind="stable")[: body.top_k or len(scores)]
     items = [RankedItem.model_construct(id=body.candidates[i].id, score=float(scores[i]), index=int(i)) for i in order]
     return json_response(RankResponse.model_construct(items=items, model=scorer.model.version))

@@ -184,7 +184,7 @@ def test_recommend_edges_one_or_no_item_retrieved_and_ties_in_retrieval_order(cl
     items, _ = real_retrieve(history, 100)
     assert len(items) > 32  # enough ties that an unstable sort reorders some
     level = np.where(np.random.default_rng(107).random(len(items)) < 0.5, 0.6, 0.3)
-    monkeypatch.setattr(served, "predict", lambda dense, ids: level[: len(dense)].copy())
+    monkeypatch.setattr(served, "predict", lambda dense, ids, group=None: level[: len(dense)].copy())
     body = recommend(len(items), 100)
     expected = [int(i) for i in items[level == 0.6]] + [int(i) for i in items[level == 0.3]]
     assert [i["id"] for i in body["items"]] == expected and body["model"] == version
@@ -280,10 +280,10 @@ def test_a_full_queue_is_a_503_and_the_queued_requests_are_served(dense_export, 
         gate, entered = threading.Event(), threading.Event()
         predict = model.predict
 
-        def held_predict(dense, ids):
+        def held_predict(dense, ids, group=None):
             entered.set()
             assert gate.wait(10)
-            return predict(dense, ids)
+            return predict(dense, ids, group)
 
         model.predict = held_predict
         rng = np.random.default_rng(104)

@@ -48,9 +48,11 @@ class RecordingModel:
         self.entered = threading.Event()
         self.in_forward = False
         self.error: Exception | None = None
+        self.groups: list[np.ndarray | None] = []
 
-    def predict(self, dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def predict(self, dense: np.ndarray, ids: np.ndarray, group: np.ndarray | None = None) -> np.ndarray:
         self.log.append((self.name, len(dense)))
+        self.groups.append(group)
         self.threads.append(threading.current_thread().name)
         self.in_forward = True
         self.entered.set()
@@ -128,6 +130,37 @@ def test_queued_requests_share_passes_up_to_max_batch_rows_and_each_gets_its_own
 
     inputs, answers = asyncio.run(scenario())
     assert model.log == [("a", 2), ("a", 8), ("a", 7), ("a", 5)]
+    for (dense, ids), answer in zip(inputs, answers, strict=True):
+        np.testing.assert_array_equal(answer, row_scores(dense, ids))
+
+
+def test_a_pass_groups_the_rows_of_each_variants_request_and_leaves_other_rows_alone():
+    """Score requests of 2 and 3 rows and rank requests (variants) of 4 and 1 rows in one pass: the model gets
+    one group per rank request and one per other row, in the pass's row order; a pass without variants, none."""
+    gate = threading.Event()
+    model = RecordingModel(gate=gate)
+    metrics = ServiceMetrics()
+
+    async def scenario():
+        async with running(MicroBatcher(max_batch_rows=64, max_wait_ms=0, max_queue=16, metrics=metrics)) as batcher:
+            try:
+                first = await hold_a_pass(batcher, model, 2)
+                kinds = [(2, False), (4, True), (3, False), (1, True)]
+                inputs = [encoded_rows(n) for n, _ in kinds]
+                tasks = [
+                    asyncio.create_task(batcher.score(model, *x, variants))
+                    for x, (_, variants) in zip(inputs, kinds, strict=True)
+                ]
+                await until(lambda: gauge(metrics, "recsys_queue_depth") == 4, "4 queued requests")
+            finally:
+                gate.set()
+            await result(first)
+            return inputs, [await result(t) for t in tasks]
+
+    inputs, answers = asyncio.run(scenario())
+    assert model.log == [("a", 2), ("a", 10)]
+    assert model.groups[0] is None
+    assert model.groups[1].tolist() == [0, 1, 2, 2, 2, 2, 3, 4, 5, 6]
     for (dense, ids), answer in zip(inputs, answers, strict=True):
         np.testing.assert_array_equal(answer, row_scores(dense, ids))
 
@@ -447,22 +480,34 @@ def test_batched_scores_of_the_exported_model_equal_the_training_model(tt_export
     passes = []
     predict = model.predict
 
-    def counting_predict(dense: np.ndarray, ids: np.ndarray) -> np.ndarray:
+    def counting_predict(dense: np.ndarray, ids: np.ndarray, group: np.ndarray | None = None) -> np.ndarray:
         passes.append(len(dense))
-        return predict(dense, ids)
+        return predict(dense, ids, group)
 
     model.predict = counting_predict
     rng = np.random.default_rng(81)
     requests = [random_rows(rng, n, hot=5000) for n in (5, 1, 9, 3)]
+    # two rank requests' candidates: a context row with 2 and 3 columns replaced per candidate
+    context_dense, context_sparse = random_rows(rng, 2, hot=5000)
+    _, fresh = random_rows(rng, 24, hot=5000)
+    variants = [
+        (context_dense[k], context_sparse[k], [{}] * n, [{c: fresh[k * 12 + i][c] for c in columns} for i in range(n)])
+        for k, (n, columns) in enumerate([(12, (2, 7)), (7, (0, 11, 25))])
+    ]
 
     async def scenario():
         async with running(MicroBatcher(max_batch_rows=256, max_wait_ms=300, max_queue=8)) as batcher:
             encoded = [model.encoder.encode(dense, sparse) for dense, sparse in requests]
-            return await asyncio.wait_for(asyncio.gather(*(batcher.score(model, *e) for e in encoded)), WAIT_S)
+            ranked = [model.encoder.encode_variants(*v) for v in variants]
+            scored = [batcher.score(model, *e) for e in encoded] + [batcher.score(model, *e, True) for e in ranked]
+            return await asyncio.wait_for(asyncio.gather(*scored), WAIT_S), ranked
 
-    answers = asyncio.run(scenario())
-    assert passes == [18]
-    for (dense, sparse), answer, n in zip(requests, answers, range(4), strict=True):
+    answers, ranked = asyncio.run(scenario())
+    assert passes == [37]
+    for (dense, ids), answer in zip(ranked, answers[4:], strict=True):  # grouped in the pass, alone here
+        np.testing.assert_allclose(answer, predict(dense, ids), rtol=0, atol=SCORE_ATOL)
+        assert np.std(answer) > 1e-3  # the candidates differ in score (observed std ~5e-3)
+    for (dense, sparse), answer, n in zip(requests, answers[:4], range(4), strict=True):
         alone = predict(*model.encoder.encode(dense, sparse))
         np.testing.assert_allclose(answer, alone, rtol=0, atol=SCORE_ATOL)  # observed max |diff| ~1e-8
         expected = training_scores(tt_trainer, dense, sparse, tmp_path / str(n))
@@ -477,7 +522,7 @@ def test_a_late_request_is_answered_503_with_retry_after():
     from service.errors import ServiceError
 
     class LateBatcher:
-        async def score(self, model, dense, ids):
+        async def score(self, model, dense, ids, variants=False):
             raise DeadlineExceededError("waited over 5 ms for the model")
 
     scorer = Scorer(model=SimpleNamespace(version="v"), batcher=LateBatcher(), metrics=ServiceMetrics())

@@ -667,7 +667,7 @@ def test_recommend_keeps_retrieval_order_within_equal_probabilities(dense_retrie
     items, _ = exported.retrieval.retrieve(history, 100)
     assert len(items) > 32
     level = np.where(np.random.default_rng(8).random(len(items)) < 0.5, 0.6, 0.3)
-    monkeypatch.setattr(exported, "predict", lambda dense, ids: level[: len(dense)].copy())
+    monkeypatch.setattr(exported, "predict", lambda dense, ids, group=None: level[: len(dense)].copy())
     ranked = exported.recommend(history, [1] * 13, ["68fd1e64"] * 26, k=len(items))
     expected = [int(i) for i in items[level == 0.6]] + [int(i) for i in items[level == 0.3]]
     assert [item for item, _, _ in ranked] == expected

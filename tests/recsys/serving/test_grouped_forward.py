@@ -1,0 +1,108 @@
+"""The grouped forward (a rank request's candidates share their context's work) against the plain forward.
+
+Reference: ``InferenceDLRM.forward(dense, ids)`` of the same rows, every row computed whole. The grouped
+forward must give the same logits (to float32 rounding) whatever varies inside a group: TT columns, dense
+table columns, the dense values, nothing at all; groups of one (score requests) beside rank groups.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import pytest
+import torch
+
+from recsys.configs import DLRMConfig, TTConfig
+from recsys.serving.dlrm import InferenceDLRM
+
+VOCAB = {"C1": 40, "C2": 3_000, "C3": 7, "C4": 1_500, "C5": 900}  # TT (threshold 100): C2, C4, C5
+NUM_DENSE = 5
+TT = TTConfig(ranks=(3, 5), threshold=100, cache_size=20)
+
+
+def _model(interaction: str, tt: TTConfig | None) -> InferenceDLRM:
+    config = DLRMConfig(embedding_dim=8, dense_arch=(16, 8), over_arch=(32, 16, 1), interaction=interaction)
+    model = InferenceDLRM(config, VOCAB, NUM_DENSE, tt).eval()
+    if tt is not None and tt.cache_size:
+        model.sparse_arch.embedding_bag_collection.tt_groups["group_0"].cache_populate()
+    with torch.no_grad():
+        for name, value in model.state_dict().items():
+            if value.is_floating_point() and "optimizer_state" not in name:
+                value.copy_(torch.randn_like(value) * 0.3)
+    return model
+
+
+def _rows(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    dense = torch.randn(n, NUM_DENSE, generator=generator)
+    ids = torch.stack([torch.randint(0, v, (n,), generator=generator) for v in VOCAB.values()], dim=1)
+    return dense, ids
+
+
+def _variants(n: int, columns: list[int], dense_too: bool, generator: torch.Generator):
+    """A context row repeated n times, ``columns`` (and the dense values) replaced per row."""
+    context_dense, context_ids = _rows(1, generator)
+    dense, ids = context_dense.repeat(n, 1), context_ids.repeat(n, 1)
+    fresh_dense, fresh_ids = _rows(n, generator)
+    ids[:, columns] = fresh_ids[:, columns]
+    if dense_too:
+        dense[:, 2] = fresh_dense[:, 2]
+    return dense, ids
+
+
+@pytest.mark.parametrize("interaction", ["dot", "dcn"])
+@pytest.mark.parametrize("tt", [None, TT], ids=["dense tables", "tt tables"])
+@pytest.mark.parametrize(
+    "groups",
+    [
+        [("variants", [1], False)],  # one rank request, one TT column varies
+        [("variants", [0, 3], False), ("variants", [1, 4], True), ("rows", 4)],  # two ranks and a score
+        [("variants", [], False), ("variants", [2], False)],  # all candidates alike; a dense-table column
+        [("rows", 7)],  # score requests only: every row its own group
+        [("variants", [0, 1, 2, 3, 4], True), ("rows", 1), ("variants", [3], False)],
+    ],
+    ids=["one rank", "ranks and a score", "nothing varies", "scores only", "everything varies"],
+)
+def test_grouped_forward_equals_the_plain_forward(interaction, tt, groups):
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{interaction} {tt is None} {groups}".encode()))
+    model = _model(interaction, tt)
+    parts, group, next_group = [], [], 0
+    for kind, *spec in groups:
+        if kind == "rows":
+            parts.append(_rows(spec[0], generator))
+            group += range(next_group, next_group + spec[0])
+            next_group += spec[0]
+        else:
+            n = int(torch.randint(2, 30, (1,), generator=generator))
+            parts.append(_variants(n, spec[0], spec[1], generator))
+            group += [next_group] * n
+            next_group += 1
+    dense, ids = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+    with torch.inference_mode():
+        expected = model(dense, ids)
+        got = model(dense, ids, torch.tensor(group))
+    assert got.shape == expected.shape == (len(dense), 1)
+    torch.testing.assert_close(torch.sigmoid(got), torch.sigmoid(expected), rtol=0, atol=1e-6)  # the scores
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)  # the logits: sums in other orders
+
+
+def test_the_pairs_of_varying_vectors_are_found_where_the_plain_triangle_has_them():
+    """Every subset of varying vectors: the pairs touching one, and their dots read from varying x all."""
+    inter = _model("dot", None).inter_arch
+    combined = torch.randn(6, len(VOCAB) + 1, 8)
+    full = inter.dots(combined)
+    for varying in ([0], [3], [1, 5], [0, 2, 4], list(range(len(VOCAB) + 1))):
+        places, flat = inter.pairs_with(varying)
+        pairs = enumerate(zip(*inter.triu_indices.tolist(), strict=True))
+        touching = [p for p, (i, j) in pairs if {i, j} & set(varying)]
+        assert places.tolist() == touching
+        some = torch.bmm(combined[:, varying], combined.transpose(1, 2)).flatten(1)
+        torch.testing.assert_close(some[:, flat], full[:, places], rtol=1e-6, atol=1e-6)
+
+
+def test_a_group_that_is_not_sorted_or_not_one_per_row_is_refused():
+    model = _model("dot", TT)
+    dense, ids = _rows(4, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        model(dense, ids, torch.tensor([0, 1, 0, 1]))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        model(dense, ids, torch.tensor([0, 0, 1]))
