@@ -203,6 +203,9 @@ class TTTables(nn.Module):
         self.register_buffer("_tt_starts", tt_rows.cumsum(0) - tt_rows, persistent=False)  # global row of row 0
         self._tt_columns = [self.tables.index(t) for t in tt]  # the ids' columns that are TT tables, group order
         self.register_buffer("_rows", torch.tensor([sizes[t] for t in self.tables], dtype=torch.int64), False)
+        # per column, as Python ints: read per lookup without a tensor index each (-1: not a TT table)
+        tt_start = dict(zip(tt, (tt_rows.cumsum(0) - tt_rows).tolist(), strict=True))
+        self._column_tt_start = [tt_start.get(t, -1) for t in self.tables]
 
     def table_report(self) -> dict[str, dict]:
         """Per table in column order: kind, rows, bytes (TT: its cores), dense bytes, TT shapes and ranks."""
@@ -239,16 +242,17 @@ class TTTables(nn.Module):
                 bad = ids[(ids < 0) | (ids >= self._rows[c])]
                 if len(bad):
                     raise IndexError(f"{self.tables[c]}: id {int(bad[0])} outside its {int(self._rows[c])} rows")
-        group_index = [self.tt_index.get(self.tables[c], -1) for c in columns]  # -1: a dense table
+        start = [self._column_tt_start[c] for c in columns]  # -1: a dense table
         rows: list[torch.Tensor | None] = [None] * len(lookups)
-        if max(group_index) >= 0:
-            start = [int(self._tt_starts[i]) if i >= 0 else -1 for i in group_index]
+        if max(start) >= 0:
             per_value = torch.tensor(start).repeat_interleave(sizes)
             global_rows = (values + per_value)[per_value >= 0]
             offsets = torch.arange(len(global_rows) + 1)  # one id per bag
             found = self.tt_groups[TT_GROUP].lookup_global(global_rows, offsets, None)
-            tt_rows = iter(found.split([int(n) for n, i in zip(sizes, group_index, strict=True) if i >= 0]))
-            rows = [next(tt_rows) if i >= 0 else None for i in group_index]
+            tt_rows = iter(
+                found.split([len(ids) for (_, ids), first in zip(lookups, start, strict=True) if first >= 0])
+            )
+            rows = [next(tt_rows) if first >= 0 else None for first in start]
         return [
             found_rows if found_rows is not None else self.dense.lookup(self.tables[c], ids)
             for found_rows, (c, ids) in zip(rows, lookups, strict=True)
