@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import sys
 
 import uvicorn
 
 from recsys.logs import setup_logging
 from recsys.serving import ExportFormatError, read_manifest
 from service.app import create_app
-from service.settings import PROG, settings_from_command_line, to_environment
+from service.settings import PROG, settings_from_command_line
+from service.workers import GRACEFUL_SHUTDOWN_S, reuse_port_socket, serve
 
 log = logging.getLogger("service")
 
@@ -29,21 +30,20 @@ def main(argv: list[str] | None = None) -> None:
         read_manifest(settings.model)  # a clear one-line error instead of a failed startup's traceback
     except (ExportFormatError, OSError) as exc:
         argparse.ArgumentParser(prog=PROG).error(f"--model {settings.model}: {exc}")
-    if settings.workers > 1:  # uvicorn starts the processes; each builds its app from the environment
-        os.environ.update(to_environment(settings))
-        app: object = "service.app:app_from_environment"
-    else:
-        app = create_app(settings)
+    if settings.workers > 1:  # one process per worker, each with its own socket on the port
+        try:
+            reuse_port_socket(settings.host, settings.port).close()  # a taken port: one clear error, no worker
+        except OSError as exc:
+            argparse.ArgumentParser(prog=PROG).error(f"--host {settings.host} --port {settings.port}: {exc}")
+        sys.exit(serve(settings))
     uvicorn.run(
-        app,
-        factory=settings.workers > 1,
-        workers=settings.workers,
+        create_app(settings),
         host=settings.host,
         port=settings.port,
         log_config=None,  # keep the format set above
         access_log=settings.access_log,
         log_level=settings.log_level,
-        timeout_graceful_shutdown=10,
+        timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_S,
     )
 
 

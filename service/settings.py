@@ -69,9 +69,9 @@ class Settings(BaseSettings):
     workers: int = Field(
         1,
         ge=1,
-        description="server processes sharing the port, each with its own model and batcher (one per core: the GIL "
-        "makes one process use about one core); POST /v1/admin/reload reaches one of them, so use "
-        "--reload-interval-s with several",
+        description="server processes on the port, each with its own model, batcher and listening socket "
+        "(SO_REUSEPORT: the kernel spreads connections over them; one per core: the GIL makes one process use about "
+        "one core); POST /v1/admin/reload reaches one of them, so use --reload-interval-s with several",
     )
     admin_token: SecretStr | None = Field(
         None,

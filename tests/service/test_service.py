@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import signal
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -312,7 +316,9 @@ def test_in_process_app_and_settings(dense_export, dense_trainer, monkeypatch, t
 
 
 def test_several_worker_processes_serve_the_same_scores(dense_export, dense_trainer, tmp_path):
-    """``--workers 2``: uvicorn starts two processes, each building its app from the RECSYS_* environment."""
+    """``--workers 2``: two processes, each building its app from the RECSYS_* environment and listening on its
+    own socket of the port (SO_REUSEPORT: the kernel spreads connections, no process takes them all); SIGTERM
+    stops both, each draining, and the supervisor ends by SIGTERM as a single uvicorn process does."""
     server = LiveServer(dense_export, "--workers", "2")
     try:
         dense, sparse = random_rows(np.random.default_rng(71), 16, hot=100)
@@ -321,9 +327,62 @@ def test_several_worker_processes_serve_the_same_scores(dense_export, dense_trai
             status, body = server.post("/v1/score", _body(dense, sparse))
             assert status == 200, body
             np.testing.assert_allclose(body["scores"], expected, rtol=0, atol=SCORE_ATOL)
+        assert len(_children(server.proc.pid)) == 2
+        assert _listening_sockets(server.port) == 2
     finally:
         server.stop()
-    assert "Traceback" not in server.log.read_text()
+    assert server.proc.returncode == -signal.SIGTERM
+    log = server.log.read_text()
+    assert "Traceback" not in log and "SIGTERM: stopping 2 workers" in log
+    assert log.count("Finished server process") == 2
+
+
+def test_a_worker_that_dies_stops_the_service_with_its_exit_code(dense_export):
+    """A half-sized service must not run on unnoticed: one worker killed, the other is stopped, the exit is not 0."""
+    server = LiveServer(dense_export, "--workers", "2")
+    try:
+        children = _children(server.proc.pid)
+        assert len(children) == 2
+        os.kill(children[0], signal.SIGKILL)
+        assert server.proc.wait(timeout=30) == 128 + signal.SIGKILL
+        deadline = time.time() + 10
+        while time.time() < deadline and any(Path(f"/proc/{pid}").exists() for pid in children):
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{pid}/stat").exists() and _state(pid) != "Z" for pid in children)
+    finally:
+        server.stop()
+    assert "exited with code -9: stopping the service" in server.log.read_text()
+
+
+def _children(pid: int) -> list[int]:
+    """Worker pids: the processes whose parent is ``pid`` but multiprocessing's resource tracker (Linux /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parent = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+            command = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if parent == pid and b"resource_tracker" not in command:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "gone"
+
+
+def _listening_sockets(port: int) -> int:
+    """TCP sockets in LISTEN state on ``port`` (Linux /proc/net/tcp and tcp6)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            count += state == "0A" and int(local.rsplit(":", 1)[1], 16) == port
+    return count
 
 
 def test_service_help_names_every_flag():
