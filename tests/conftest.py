@@ -7,6 +7,9 @@ import random
 import zlib
 from pathlib import Path
 
+import recsys.openmp  # noqa: F401  (before torch, as the commands do: OpenMP threads sleep between regions)
+
+# isort: split
 import numpy as np
 import pytest
 import torch
