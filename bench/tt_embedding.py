@@ -27,12 +27,15 @@ Run::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -305,12 +308,22 @@ def main(argv: list[str] | None = None) -> None:
         default=100,
         help="batches (of the same distribution, other seed) whose row frequencies fill the cache (default: 100)",
     )
-    p.add_argument("--threads", type=int, default=0, help="torch threads (default: 0, torch's choice)")
+    p.add_argument(
+        "--threads",
+        type=parse_ints,
+        default=(0,),
+        help="torch thread counts, comma-separated, each measured in the same run (default: 0, torch's choice)",
+    )
+    p.add_argument(
+        "--contention",
+        type=int,
+        default=0,
+        help="also measure every line with N busy processes (a Python spin loop each) beside the benchmark, and "
+        "print the slowdown against idle (default: 0, idle only)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the batches (default: 0)")
     args = p.parse_args(argv)
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     rows = args.rows or (FBTT_ROWS if args.tables == 1 else 1_000_000)
     p_shapes = args.p_shapes or (FBTT_P if rows == FBTT_ROWS and len(args.q_shapes) == 3 else None)
     p_shapes = p_shapes or suggest_shapes(rows, args.dim, len(args.q_shapes))[0]
@@ -319,79 +332,179 @@ def main(argv: list[str] | None = None) -> None:
     if math.prod(cfg.q) != cfg.dim or len(cfg.ranks) != len(cfg.p) - 1 or math.prod(cfg.p) < rows:
         raise SystemExit(f"inconsistent TT shapes p={cfg.p} q={cfg.q} ranks={cfg.ranks} for {rows} x {cfg.dim}")
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - {"fbgemm", "ours", "naive"})
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown} in --methods; choose from fbgemm, ours, naive")
     if "fbgemm" in methods:  # first, so every other row can show its ratio to it
         methods.insert(0, methods.pop(methods.index("fbgemm")))
     if args.cache_size:
         methods.insert(methods.index("ours") + 1 if "ours" in methods else 0, "ours+cache")
-    lookups = cfg.batch * cfg.bag * cfg.tables
+    thread_counts = [n or torch.get_num_threads() for n in args.threads]
     per_lookup = sum(level_flops(cfg))
 
     print(machine())
     print(
         f"{cfg.tables} table(s) x {rows:,} rows x dim {cfg.dim}, TT p={list(cfg.p)} q={list(cfg.q)} "
         f"ranks={list(cfg.ranks)}, batch {cfg.batch} bags x {cfg.bag} rows, row-wise Adagrad; "
-        f"median of {args.repeats} x {args.steps} steps"
+        f"median of {args.repeats} x {args.steps} steps; threads {thread_counts}"
+        + (f"; idle, then beside {args.contention} busy process(es)" if args.contention else "")
     )
     print(
         f"TT FLOPs per lookup without reuse: forward {per_lookup / 1e3:.1f}k, forward+backward "
-        f"{3 * per_lookup / 1e3:.1f}k; floor at {args.peak_gflops:.0f} GFLOP/s: "
-        f"{per_lookup / args.peak_gflops / 1e3:.2f} / {3 * per_lookup / args.peak_gflops / 1e3:.2f} us/row\n"
+        f"{3 * per_lookup / 1e3:.1f}k; floor at {args.peak_gflops:.0f} GFLOP/s ({os.cpu_count()} cores; a thread "
+        f"count below the cores gets its share): {per_lookup / args.peak_gflops / 1e3:.2f} / "
+        f"{3 * per_lookup / args.peak_gflops / 1e3:.2f} us/row\n"
     )
-    builders: dict[str, Callable[[], tuple[Step, Step]]] = {
-        "ours": lambda: ours(cfg)[:2],
-        "naive": lambda: naive(cfg),
-        "fbgemm": lambda: fbgemm(cfg),
-    }
-    steps = {}
-    for name in methods:
-        if name == "ours+cache":
-            continue
-        if name not in builders:
-            raise SystemExit(f"unknown method {name!r}; choose from {sorted(builders)}")
-        steps[name] = builders[name]()
-
-    header = (
-        f"{'dist':<8} {'method':<11} {'phase':<9} {'us/row':>8} {'GFLOP/s':>8} {'nominal':>8} "
-        f"{'x fbgemm':>9} {'x floor':>8} {'unique':>7}"
-    )
+    steps = {name: build(cfg) for name, build in BUILDERS.items() if name in methods}
+    lines: list[Line] = []
+    works: dict[str, Work] = {}
     for dist in [d.strip() for d in args.dists.split(",") if d.strip()]:
-        n_batches = args.warmup + args.steps
-        batches = make_batches(cfg, dist, args.zipf_alpha, n_batches, args.seed)
-        flops = [tt_flops(cfg, b) for b in batches[args.warmup :]]
-        performed = statistics.mean(f[0] for f in flops)
-        nominal = statistics.mean(f[1] for f in flops)
-        unique = statistics.mean(sum(torch.unique(i).numel() for i in b.indices) for b in batches) / lookups
-        print(header)
-        results: dict[tuple[str, str], float] = {}
-        for name in methods:
-            if name == "ours+cache":
-                forward, train, embs = ours(cfg, args.cache_size)
-                counted = make_batches(cfg, dist, args.zipf_alpha, args.cache_warmup, args.seed, stream=1)
-                prepare_cached(embs, counted)
-            else:
-                forward, train = steps[name]
-            use = batches if name != "naive" else batches[: args.warmup + args.naive_steps]
-            for phase, step, mult in (("forward", forward, 1), ("fwd+bwd", train, 3)):
-                sec = time_step(step, use, args.warmup, args.repeats)
-                results[name, phase] = sec
-                us = sec / lookups * 1e6
-                is_tt = name in ("ours", "naive")  # with a cache, part of the rows skip the contraction
-                work = (nominal if name == "naive" else performed) * mult
-                gflops = f"{work / sec / 1e9:8.1f}" if is_tt else f"{'-':>8}"
-                nominal_rate = f"{nominal * mult / sec / 1e9:8.1f}" if is_tt else f"{'-':>8}"
-                base = results.get(("fbgemm", phase))
-                vs_fbgemm = f"{sec / base:8.2f}x" if base else f"{'-':>9}"
-                floor = nominal * mult / (args.peak_gflops * 1e9)
-                vs_floor = f"{sec / floor:7.2f}x" if name != "fbgemm" else f"{'-':>8}"
-                print(
-                    f"{dist:<8} {name:<11} {phase:<9} {us:8.2f} {gflops} {nominal_rate} {vs_fbgemm} {vs_floor} "
-                    f"{unique:7.2f}"
-                )
-            if name == "ours+cache":
-                hit_rate = statistics.mean(e.cache_stats()["hit_rate"] for e in embs)
-                print(f"{'':<8} ours+cache: hit rate {hit_rate:.3f} over the timed steps, "
-                      f"{args.cache_size:,} rows cached per table")  # fmt: skip
+        batches = make_batches(cfg, dist, args.zipf_alpha, args.warmup + args.steps, args.seed)
+        work = Work.of(cfg, batches[args.warmup :], args.cache_size)
+        if "ours+cache" in methods:
+            forward, train, embs = ours(cfg, args.cache_size)
+            prepare_cached(embs, make_batches(cfg, dist, args.zipf_alpha, args.cache_warmup, args.seed, stream=1))
+            steps["ours+cache"] = (forward, train)
+            work = work.with_cold_rows(embs, batches[args.warmup :])
+        works[dist] = work
+        print(HEADER)
+        for load in ["idle"] + ([f"busy {args.contention}"] if args.contention else []):
+            with busy_processes(args.contention if load != "idle" else 0):
+                for threads in thread_counts:
+                    torch.set_num_threads(threads)
+                    for name in methods:
+                        use = batches if name != "naive" else batches[: args.warmup + args.naive_steps]
+                        for phase, step in zip(("forward", "fwd+bwd"), steps[name], strict=True):
+                            sec = time_step(step, use, args.warmup, args.repeats)
+                            line = Line(dist, load, threads, name, phase, sec)
+                            lines.append(line)
+                            print(line.format(cfg, work, lines, args.peak_gflops), flush=True)
+        if "ours+cache" in methods:
+            hit_rate = statistics.mean(e.cache_stats()["hit_rate"] for e in embs)
+            print(
+                f"ours+cache: hit rate {hit_rate:.3f} over the timed steps, {args.cache_size:,} rows cached per table"
+            )
         print()
+    summarize(lines, {dist: work.nominal for dist, work in works.items()}, args.peak_gflops)
+
+
+# -- contention, lines and the summary ----------------------------------------------------------------
+@contextlib.contextmanager
+def busy_processes(count: int) -> Iterator[None]:
+    """``count`` processes spinning in Python beside the benchmark (each wants a whole core), then stopped."""
+    procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        time.sleep(0.5 if procs else 0.0)  # let them start spinning
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+
+
+@dataclass(frozen=True)
+class Work:
+    """FLOPs of the timed batches: performed (prefix tree), nominal (no reuse), on the cache's cold rows."""
+
+    performed: float
+    nominal: float
+    unique: float  # distinct rows / lookups
+    cold_nominal: float | None = None  # nominal FLOPs of the distinct rows the cache does not hold
+
+    @classmethod
+    def of(cls, cfg: Config, batches: list[Batch], cache_size: int) -> Work:
+        flops = [tt_flops(cfg, b) for b in batches]
+        lookups = cfg.batch * cfg.bag * cfg.tables
+        unique = statistics.mean(sum(torch.unique(i).numel() for i in b.indices) for b in batches) / lookups
+        return cls(statistics.mean(f[0] for f in flops), statistics.mean(f[1] for f in flops), unique)
+
+    def with_cold_rows(self, embs: list[TTEmbeddingBag], batches: list[Batch]) -> Work:
+        """The distinct-row floor with a cache: every distinct row it does not hold is contracted once, whole."""
+        per_row = self.nominal / (len(batches[0].indices[0]) * len(batches[0].indices))
+        cold = []
+        for b in batches:
+            distinct = 0
+            for emb, idx in zip(embs, b.indices, strict=True):
+                rows = torch.unique(idx)
+                distinct += int((~torch.isin(rows, emb.cache_rows)).sum())
+            cold.append(distinct * per_row)
+        return Work(self.performed, self.nominal, self.unique, statistics.mean(cold))
+
+
+@dataclass(frozen=True)
+class Line:
+    dist: str
+    load: str
+    threads: int
+    method: str
+    phase: str
+    seconds: float
+
+    def floor(self, nominal: float, peak: float) -> float:
+        """Seconds the FLOPs take at the peak rate of the cores this many threads can use."""
+        share = min(self.threads, os.cpu_count() or 1) / (os.cpu_count() or 1)
+        return nominal * (3 if self.phase == "fwd+bwd" else 1) / (peak * 1e9 * share)
+
+    def same(self, lines: list[Line], **changes) -> Line | None:
+        want = {**self.__dict__, **changes}
+        return next((x for x in lines if all(getattr(x, k) == v for k, v in want.items() if k != "seconds")), None)
+
+    def format(self, cfg: Config, work: Work, lines: list[Line], peak: float) -> str:
+        lookups = cfg.batch * cfg.bag * cfg.tables
+        mult = 3 if self.phase == "fwd+bwd" else 1
+        is_tt = self.method in ("ours", "naive", "ours+cache")
+        flops = (work.nominal if self.method == "naive" else work.performed) * mult
+        rate = f"{flops / self.seconds / 1e9:8.1f}" if is_tt and self.method != "ours+cache" else f"{'-':>8}"
+        base = self.same(lines, method="fbgemm")
+        vs_fbgemm = f"{self.seconds / base.seconds:8.2f}x" if base and self.method != "fbgemm" else f"{'-':>9}"
+        vs_floor = f"{self.seconds / self.floor(work.nominal, peak):7.2f}x" if is_tt else f"{'-':>8}"
+        cold = work.cold_nominal if self.method == "ours+cache" else None
+        vs_cold = f"{self.seconds / self.floor(cold, peak):7.2f}x" if cold else f"{'-':>8}"
+        idle = self.same(lines, load="idle") if self.load != "idle" else None
+        slowdown = f"{self.seconds / idle.seconds:8.2f}x" if idle else f"{'-':>9}"
+        return (
+            f"{self.dist:<8} {self.load:<7} {self.threads:>3} {self.method:<11} {self.phase:<8} "
+            f"{self.seconds / lookups * 1e6:8.2f} {rate} {vs_fbgemm} {vs_floor} {vs_cold} {slowdown} {work.unique:6.2f}"
+        )
+
+
+HEADER = (
+    f"{'dist':<8} {'load':<7} {'thr':>3} {'method':<11} {'phase':<8} {'us/row':>8} {'GFLOP/s':>8} {'x fbgemm':>9} "
+    f"{'x floor':>8} {'x cold':>8} {'vs idle':>9} {'unique':>6}"
+)
+BUILDERS: dict[str, Callable[[Config], tuple[Step, Step]]] = {
+    "fbgemm": lambda cfg: fbgemm(cfg),
+    "ours": lambda cfg: ours(cfg)[:2],
+    "naive": lambda cfg: naive(cfg),
+}
+
+
+def summarize(lines: list[Line], nominal: dict[str, float], peak: float) -> None:
+    """The issue's targets, each as a ratio from this run (fwd+bwd+update lines)."""
+    train = [x for x in lines if x.phase == "fwd+bwd"]
+    loads = sorted({x.load for x in train}, key=lambda load: load != "idle")
+    print("summary (forward + backward + fused row-wise Adagrad):")
+    for x in train:
+        if x.method == "ours" and x.dist == "uniform" and x.load == "idle":
+            floor = x.floor(nominal[x.dist], peak)
+            print(f"  uniform, no cache, {x.threads} thread(s): {x.seconds / floor:.2f}x the FLOP floor")
+        if x.method == "ours+cache" and x.load == "idle":
+            base = x.same(train, method="fbgemm")
+            if base:
+                print(f"  {x.dist} + cache, {x.threads} thread(s): {x.seconds / base.seconds:.2f}x fbgemm's dense TBE")
+    for load in loads[1:]:
+        for method in ("ours", "fbgemm"):
+            for dist in sorted({x.dist for x in train}):
+                by_threads = {x.threads: x for x in train if (x.method, x.load, x.dist) == (method, load, dist)}
+                if len(by_threads) < 2:
+                    continue
+                low, high = min(by_threads), max(by_threads)
+                slow = {t: x.seconds / x.same(train, load="idle").seconds for t, x in by_threads.items()}
+                print(
+                    f"  {load}, {dist}, {method}: {high} threads / {low} thread(s) = "
+                    f"{by_threads[high].seconds / by_threads[low].seconds:.2f}x; slowdown against idle "
+                    + ", ".join(f"{t} thr {v:.2f}x" for t, v in sorted(slow.items()))
+                )
 
 
 if __name__ == "__main__":
