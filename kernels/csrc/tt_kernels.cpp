@@ -693,7 +693,9 @@ void parent_grad_level(const Level& L, const Buckets& b, const T* core, const T*
   }
   // Large slices: one transposed slice per digit group; each child's contribution goes to a buffer
   // (no two threads write the same parent), then a per-parent sum over its children.
-  std::vector<T> contrib(L.n * L.Qp * L.K);
+  // every element is written (rows_gemm without ACC) before it is read: no zero-fill of the buffer
+  std::unique_ptr<T[]> contrib_buffer(new T[L.n * L.Qp * L.K]);
+  T* contrib = contrib_buffer.get();
   const std::vector<Task> tasks = chunked(b, chunk_nodes(L.Qp));
   parallel_tasks(static_cast<int64_t>(tasks.size()), [&](int64_t i) {
     const Task& tk = tasks[i];
@@ -707,7 +709,7 @@ void parent_grad_level(const Level& L, const Buckets& b, const T* core, const T*
       const int64_t t = b.order[s];
       for (int64_t q = 0; q < L.Qp; ++q) {
         a.push_back(grad + (t * L.Qp + q) * L.N);
-        c.push_back(contrib.data() + (t * L.Qp + q) * L.K);
+        c.push_back(contrib + (t * L.Qp + q) * L.K);
       }
     }
     rows_gemm<T, false>(a.data(), c.data(), static_cast<int64_t>(a.size()), bt.data(), L.K, L.N, L.K);
@@ -718,7 +720,7 @@ void parent_grad_level(const Level& L, const Buckets& b, const T* core, const T*
       T* gp = gprev + p * width;
       std::fill(gp, gp + width, T(0));
       for (int64_t s = byp.start[p]; s < byp.start[p + 1]; ++s) {
-        const T* src = contrib.data() + byp.order[s] * width;
+        const T* src = contrib + byp.order[s] * width;
 #pragma omp simd
         for (int64_t e = 0; e < width; ++e) gp[e] += src[e];
       }
