@@ -15,26 +15,22 @@
 // CPU level (x86-64 baseline, AVX2, AVX-512: kernels/tt_native.py loads the one the CPU runs); the
 // 64-byte GCC vectors below become one AVX-512 instruction or are split by the compiler for the others.
 //
-// Threads: our own task pool (TaskPool below: the caller works, helpers join if they wake in time, no
-// barrier waits for a descheduled thread), with a shared task counter so that uneven groups (skewed
+// Threads: ATen's pool (at::parallel_for), with a shared task counter so that uneven groups (skewed
 // traffic) still balance. Results do not depend on the number of threads: every output element is
-// written by one task, in a fixed summation order.
+// written by one task, in a fixed summation order. On a shared CPU what matters is that OpenMP's idle
+// threads sleep instead of spinning (recsys/openmp.py). A pool of our own, whose caller never waits for
+// a helper that has not started, was tried: with passive waits it was no faster beside a busy process
+// and ~20% slower idle at 2 threads (3 interleaved runs each), so ATen's stays.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <pthread.h>
-
 #include <algorithm>
 #include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstring>
-#include <exception>
 #include <memory>
-#include <mutex>
-#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -71,127 +67,19 @@ inline V splat(T s) {
   return v + s;
 }
 
-// ---- a task pool that tolerates a busy CPU ------------------------------------------------------
-// Why not at::parallel_for (OpenMP in the CPU wheel): an OpenMP region ends at a barrier that waits for
-// every thread of the team, also one the OS has not scheduled yet, and the finished threads spin while
-// they wait. With the cores shared (data loading, evaluation, another job) a step of ~10 regions then
-// waits a time slice per region: measured 55 us/row at 2 threads against 9.3 at 1 beside two busy
-// processes. Here the caller posts a job and works through its tasks itself (a shared counter hands
-// them out); helpers that wake in time take tasks too, and one that wakes after the last task is taken
-// finds nothing and goes back to sleep. The caller waits only for tasks already taken and running, never
-// for a helper that has not started; helpers sleep on a condition variable (no spinning).
-class TaskPool {
- public:
-  using Fn = void (*)(const void*, int64_t);
-
-  static TaskPool& get() {
-    static std::once_flag once;
-    std::call_once(once, [] { pthread_atfork(nullptr, nullptr, [] { instance() = nullptr; }); });
-    TaskPool*& pool = instance();
-    if (pool == nullptr) pool = new TaskPool();  // never destroyed: no join at exit, no destructor order
-    return *pool;
-  }
-
-  static bool in_task() { return in_task_flag(); }
-
-  // fn(ctx, i) for i in [0, n), on the caller and up to `threads - 1` helpers; rethrows a task's exception.
-  void run(int64_t n, int threads, Fn fn, const void* ctx) {
-    auto job = std::make_shared<Job>();
-    job->n = n;
-    job->fn = fn;
-    job->ctx = ctx;
-    job->left.store(n);
-    job->helpers.store(threads - 1);
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      while (static_cast<int>(threads_.size()) < threads - 1) threads_.emplace_back([this] { helper(); });
-      job_ = job;
-      ++generation_;
-    }
-    wake_.notify_all();
-    work(*job);
-    for (int spin = 0; spin < 256 && job->left.load(std::memory_order_acquire) > 0; ++spin) std::this_thread::yield();
-    if (job->left.load(std::memory_order_acquire) > 0) {
-      std::unique_lock<std::mutex> lock(job->mu);
-      job->done.wait(lock, [&] { return job->left.load(std::memory_order_acquire) == 0; });
-    }
-    {
-      std::lock_guard<std::mutex> lock(mu_);
-      if (job_ == job) job_.reset();
-    }
-    if (job->error) std::rethrow_exception(job->error);
-  }
-
- private:
-  struct Job {
-    int64_t n = 0;
-    Fn fn = nullptr;
-    const void* ctx = nullptr;
-    std::atomic<int64_t> next{0}, left{0};
-    std::atomic<int> helpers{0};  // helpers that may still join this job
-    std::mutex mu;
-    std::condition_variable done;
-    std::exception_ptr error;  // the first task's exception (set under mu)
-  };
-
-  static TaskPool*& instance() {
-    static TaskPool* pool = nullptr;
-    return pool;
-  }
-  static bool& in_task_flag() {
-    static thread_local bool flag = false;
-    return flag;
-  }
-
-  static void work(Job& job) {
-    in_task_flag() = true;
-    for (int64_t i = job.next.fetch_add(1); i < job.n; i = job.next.fetch_add(1)) {
-      try {
-        job.fn(job.ctx, i);
-      } catch (...) {
-        std::lock_guard<std::mutex> lock(job.mu);
-        if (!job.error) job.error = std::current_exception();
-      }
-      if (job.left.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-        std::lock_guard<std::mutex> lock(job.mu);  // the caller checks `left` under mu before it sleeps
-        job.done.notify_all();
-      }
-    }
-    in_task_flag() = false;
-  }
-
-  void helper() {
-    uint64_t seen = 0;
-    for (;;) {
-      std::shared_ptr<Job> job;
-      {
-        std::unique_lock<std::mutex> lock(mu_);
-        wake_.wait(lock, [&] { return generation_ != seen; });
-        seen = generation_;
-        job = job_;  // kept alive by this reference even once the caller has returned
-      }
-      if (job && job->helpers.fetch_sub(1) > 0) work(*job);
-    }
-  }
-
-  std::mutex mu_;
-  std::condition_variable wake_;
-  std::shared_ptr<Job> job_;
-  uint64_t generation_ = 0;
-  std::vector<std::thread> threads_;
-};
-
-// f(i) for i in [0, n): on the task pool with torch's thread count (torch.set_num_threads), inline when
-// one thread is asked, there is one task, or this already runs inside a task.
+// ---- dynamic scheduling over ATen's thread pool -------------------------------------------------
 template <class F>
 void parallel_tasks(int64_t n, const F& f) {
   if (n <= 0) return;
-  const int threads = static_cast<int>(std::min<int64_t>(at::get_num_threads(), n));
-  if (threads <= 1 || TaskPool::in_task()) {
+  const int64_t threads = std::min<int64_t>(at::get_num_threads(), n);
+  if (threads <= 1 || at::in_parallel_region()) {
     for (int64_t i = 0; i < n; ++i) f(i);
     return;
   }
-  TaskPool::get().run(n, threads, [](const void* ctx, int64_t i) { (*static_cast<const F*>(ctx))(i); }, &f);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    for (int64_t i = next.fetch_add(1); i < n; i = next.fetch_add(1)) f(i);
+  });
 }
 
 // ---- micro-kernels ----------------------------------------------------------------------------

@@ -239,29 +239,6 @@ def test_results_do_not_depend_on_thread_count():
         assert torch.equal(a, b)
 
 
-def test_the_task_pool_works_in_a_forked_child_after_the_parent_used_it():
-    """A data-loader worker is a fork: the parent's pool threads do not exist there (nor may its mutex be free);
-    the child gets a pool of its own and the same rows."""
-    p, q, ranks = (20, 22, 25), (4, 4, 4), (8, 8)
-    cores = _cores(p, q, ranks, torch.float32, seed=9)
-    tree = _tree(p, 3000, seed=10, zipf=False)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        expected = tt_forward(cores, tree, q)[0]  # the parent's pool now has a helper thread
-        context = torch.multiprocessing.get_context("fork")
-        with context.Pool(1) as pool:
-            got = pool.apply_async(_forward_with_two_threads, (cores, tree, q)).get(timeout=60)
-    finally:
-        torch.set_num_threads(threads)
-    assert torch.equal(got, expected)
-
-
-def _forward_with_two_threads(cores, tree, q):
-    torch.set_num_threads(2)
-    return tt_forward(cores, tree, q)[0]
-
-
 def test_torch_path_when_autograd_needs_the_graph():
     p, q, ranks = (3, 4), (2, 2), (3,)
     cores = [c.requires_grad_(True) for c in _cores(p, q, ranks, torch.float64, seed=8)]
