@@ -1,0 +1,76 @@
+"""TT-SVD (``kernels.tt_svd``) against matrices with a known TT form, and its error as the ranks grow.
+
+Reference: a table built from random cores by ``tt_rows_naive`` has an exact TT form at those ranks; the
+decomposition must rebuild it to float rounding. A random table has none: the error must fall as the
+ranks grow, stay within ``max_error`` when that is asked, and not depend on how the table is streamed.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from kernels.tt import core_shapes, tt_rows_naive
+from kernels.tt_svd import tt_bytes, tt_svd
+
+SHAPES = [((5, 6, 7), (2, 2, 4), (3, 4)), ((9, 11), (4, 4), (5,)), ((3, 4, 2, 5), (2, 1, 2, 2), (2, 3, 2))]
+
+
+def _tt_table(p, q, ranks, seed):
+    g = torch.Generator().manual_seed(seed)
+    cores = [torch.randn(s, generator=g, dtype=torch.float64) for s in core_shapes(p, q, ranks)]
+    return tt_rows_naive(cores, torch.arange(math.prod(p)), p, q)
+
+
+@pytest.mark.parametrize(("p", "q", "ranks"), SHAPES)
+def test_a_table_with_an_exact_tt_form_is_rebuilt(p, q, ranks):
+    table = _tt_table(p, q, ranks, seed=sum(p))
+    found = tt_svd(table, p, q, ranks=ranks, block_rows=13)
+    assert found.ranks == ranks
+    assert [tuple(c.shape) for c in found.cores] == core_shapes(p, q, ranks)
+    assert found.relative_error < 1e-5
+    rebuilt = tt_rows_naive([c.double() for c in found.cores], torch.arange(len(table)), p, q)
+    torch.testing.assert_close(rebuilt, table, rtol=1e-5, atol=1e-5 * float(table.abs().max()))
+
+
+def test_the_error_falls_as_the_ranks_grow_and_reaches_zero_at_full_rank():
+    table = torch.randn(140, 8, generator=torch.Generator().manual_seed(1))
+    p, q = (10, 14), (2, 4)
+    errors = [tt_svd(table, p, q, ranks=r).relative_error for r in (1, 2, 4, 8, 16, 56)]
+    assert all(a >= b - 1e-9 for a, b in itertools.pairwise(errors)), errors
+    assert errors[0] > 0.5 and errors[-1] < 1e-5  # rank p_2 q_2 = 56 holds everything
+
+
+def test_max_error_is_respected_with_the_smallest_ranks_that_meet_it():
+    g = torch.Generator().manual_seed(2)
+    table = _tt_table((6, 7, 8), (2, 2, 4), (4, 5), seed=3).float() + 0.05 * torch.randn(336, 16, generator=g)
+    for target in (0.5, 0.2, 0.05):
+        found = tt_svd(table, (6, 7, 8), (2, 2, 4), max_error=target)
+        assert found.relative_error <= target
+        smaller = tuple(max(1, r - 1) for r in found.ranks)
+        if smaller != found.ranks:  # one rank less on every core misses the target (the ranks are not padded)
+            assert tt_svd(table, (6, 7, 8), (2, 2, 4), ranks=smaller).relative_error > target * 0.5
+
+
+def test_a_table_shorter_than_prod_p_and_any_block_size_give_the_same_cores():
+    table = torch.randn(200, 16, generator=torch.Generator().manual_seed(4))  # prod(p) = 210: 10 rows missing
+    p, q = (5, 6, 7), (2, 2, 4)
+    whole = tt_svd(table, p, q, ranks=(3, 5), block_rows=1 << 16)
+    streamed = tt_svd(table, p, q, ranks=(3, 5), block_rows=7)
+    assert whole.relative_error == pytest.approx(streamed.relative_error, rel=1e-6)
+    rebuilt = [tt_rows_naive(f.cores, torch.arange(200), p, q) for f in (whole, streamed)]
+    torch.testing.assert_close(rebuilt[0], rebuilt[1], rtol=1e-4, atol=1e-5)
+
+
+def test_bad_arguments_are_refused_and_bytes_count_the_cores():
+    table = torch.randn(10, 4)
+    with pytest.raises(ValueError, match="do not fit"):
+        tt_svd(table, (3, 3), (2, 2), ranks=2)  # 9 rows < 10
+    with pytest.raises(ValueError, match="ranks, a max_error"):
+        tt_svd(table, (3, 4), (2, 2))
+    with pytest.raises(ValueError, match="relative"):
+        tt_svd(table, (3, 4), (2, 2), max_error=1.5)
+    assert tt_bytes(11_000_000, (200, 220, 250), (4, 4, 4), 32) == 4 * (200 * 128 + 220 * 32 * 128 + 250 * 32 * 4)
