@@ -33,7 +33,7 @@ class TTDecomposition:
 
     cores: list[torch.Tensor]
     ranks: tuple[int, ...]
-    relative_error: float  # ||W - TT||_F / ||W||_F over the table's N rows
+    relative_error: float  # ||W - TT||_F / ||W||_F over the table's N rows, each row weighted if asked
 
 
 def tt_svd(
@@ -43,10 +43,12 @@ def tt_svd(
     ranks: Sequence[int] | int | None = None,
     max_error: float | None = None,
     block_rows: int = BLOCK_ROWS,
+    row_weights: torch.Tensor | None = None,
 ) -> TTDecomposition:
     """TT cores of ``weight`` (N, D) at ``ranks`` (d - 1 ints or one), or the smallest ranks whose truncations
     keep the relative error within ``max_error`` (each of the d - 1 SVDs drops at most ``max_error / sqrt(d -
-    1)`` of the norm); with both, the ranks are upper bounds."""
+    1)`` of the norm); with both, the ranks are upper bounds. ``row_weights`` (N,) weight each row's squared
+    error in the reported ``relative_error`` (how often a row is looked up); the fit itself is unweighted."""
     p, q = tuple(int(x) for x in p_shapes), tuple(int(x) for x in q_shapes)
     d = len(p)
     rows, dim = weight.shape
@@ -66,7 +68,7 @@ def tt_svd(
         gram += unfolded.T @ unfolded
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     energy = eigenvalues.flip(0).clamp_min(0.0)
-    rank = _truncation(energy, caps[-1], budget)
+    rank = _truncation(energy, min(caps[-1], math.prod(p[:-1]) * (dim // q[-1])), budget)  # <= the unfolding's rank
     basis = eigenvectors.flip(1)[:, :rank]  # (p_d q_d, r)
     cores: list[torch.Tensor] = [torch.empty(0)] * d
     cores[-1] = basis.T.reshape(rank, p[-1], q[-1]).permute(1, 0, 2).contiguous()
@@ -87,8 +89,24 @@ def tt_svd(
         chosen.append(rank)
     cores[0] = current.reshape(p[0], 1, q[0] * current.shape[-1])
     cores = [c.to(torch.float32).contiguous() for c in cores]
-    error = _relative_error(weight, cores, p, q, norm, block_rows)
+    error = _relative_error(weight, cores, p, q, block_rows, row_weights)
     return TTDecomposition(cores=cores, ranks=tuple(reversed(chosen)), relative_error=error)
+
+
+def pad_ranks(cores: list[torch.Tensor], q_shapes: Sequence[int], ranks: Sequence[int] | int) -> list[torch.Tensor]:
+    """The same rows with the inner ranks raised to ``ranks`` (zero rows and columns): a table whose matrix
+    allows lower ranks than its group's shares the group's core shapes."""
+    target = (1, *_rank_caps(ranks, len(cores)), 1)
+    padded = []
+    for k, (core, q) in enumerate(zip(cores, q_shapes, strict=True)):
+        p, left, width = core.shape
+        right = width // q
+        if left > target[k] or right > target[k + 1]:
+            raise ValueError(f"core {k} has ranks ({left}, {right}) above the target ({target[k]}, {target[k + 1]})")
+        grown = core.new_zeros(p, target[k], q, target[k + 1])
+        grown[:, :left, :, :right] = core.reshape(p, left, q, right)
+        padded.append(grown.reshape(p, target[k], q * target[k + 1]))
+    return padded
 
 
 def tt_bytes(num_embeddings: int, p_shapes, q_shapes, ranks: Sequence[int] | int, bytes_per_value: int = 4) -> int:
@@ -150,14 +168,15 @@ def _frobenius(weight: torch.Tensor, block_rows: int) -> float:
     return math.sqrt(sum(float(chunk.square().sum()) for chunk in _blocks(weight, 1, block_rows)))
 
 
-def _relative_error(weight, cores, p, q, norm: float, block_rows: int) -> float:
-    """``||W - TT||_F / ||W||_F``, the rows rebuilt from the cores chunk by chunk."""
-    squared = 0.0
+def _relative_error(weight, cores, p, q, block_rows: int, row_weights: torch.Tensor | None) -> float:
+    """``||W - TT||_F / ||W||_F`` (each row's squares times its weight), the rows rebuilt chunk by chunk."""
+    error = total = 0.0
     for start in range(0, weight.shape[0], block_rows):
         ids = torch.arange(start, min(start + block_rows, weight.shape[0]))
         with torch.no_grad():
             rebuilt, _ = tt_forward(cores, PrefixTree.build(ids, p), q)
-        squared += float(
-            (weight[start : start + len(ids)].to(torch.float64) - rebuilt.to(torch.float64)).square().sum()
-        )
-    return math.sqrt(squared) / norm if norm > 0 else 0.0
+        original = weight[start : start + len(ids)].to(torch.float64)
+        scale = 1.0 if row_weights is None else row_weights[start : start + len(ids)].to(torch.float64)[:, None]
+        error += float(((original - rebuilt.to(torch.float64)).square() * scale).sum())
+        total += float((original.square() * scale).sum())
+    return math.sqrt(error / total) if total > 0 else 0.0

@@ -110,6 +110,38 @@ def resolve_checkpoint(path: Path) -> Path:
     return latest
 
 
+@dataclasses.dataclass(frozen=True)
+class TrainingRun:
+    """A ``pipelines.train`` checkpoint with what it was trained with."""
+
+    checkpoint: Path  # the checkpoint directory
+    trainer_state: dict  # its trainer_state.json
+    config: dict  # the training config (TrainConfig as a dict)
+    metrics: dict  # the run's metrics.json ({} if absent)
+    data_dir: Path  # the preprocessed data the run trained on
+
+
+def read_run(checkpoint: Path, data_dir: Path | None = None) -> TrainingRun:
+    """A checkpoint (or a run directory's, :func:`resolve_checkpoint`), its config and data directory.
+
+    ``data_dir`` defaults to the one the run's metrics.json names.
+    """
+    checkpoint = resolve_checkpoint(checkpoint)
+    trainer_state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
+    config = trainer_state.get("config")
+    if not config:
+        raise ValueError(f"{checkpoint / TRAINER_STATE_FILE}: no training config; not a pipelines.train checkpoint")
+    run_metrics = _read_json(_run_dir(checkpoint) / METRICS_FILE) or {}
+    if data_dir is None:
+        if "data" not in run_metrics:
+            raise ValueError(
+                f"no --data given and {_run_dir(checkpoint) / METRICS_FILE} does not name the data directory; "
+                "pass --data DIR (the output of pipelines.preprocess the run trained on)"
+            )
+        data_dir = Path(run_metrics["data"])
+    return TrainingRun(checkpoint, trainer_state, config, run_metrics, Path(data_dir))
+
+
 def _read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -288,19 +320,14 @@ def export_checkpoint(
     if cache not in CACHE_POLICIES:
         raise ValueError(f"--cache must be one of {CACHE_POLICIES}, got {cache!r}")
     start = time.perf_counter()
-    checkpoint = resolve_checkpoint(checkpoint)
-    trainer_state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
-    config = trainer_state.get("config")
-    if not config:
-        raise ValueError(f"{checkpoint / TRAINER_STATE_FILE}: no training config; not a pipelines.train checkpoint")
-    run_metrics = _read_json(_run_dir(checkpoint) / METRICS_FILE) or {}
-    if data_dir is None:
-        if "data" not in run_metrics:
-            raise ValueError(
-                f"no --data given and {_run_dir(checkpoint) / METRICS_FILE} does not name the data directory; "
-                "pass --data DIR (the output of pipelines.preprocess the run trained on)"
-            )
-        data_dir = Path(run_metrics["data"])
+    run = read_run(checkpoint, data_dir)
+    checkpoint, trainer_state, config, run_metrics, data_dir = (
+        run.checkpoint,
+        run.trainer_state,
+        run.config,
+        run.metrics,
+        run.data_dir,
+    )
     metadata = load_metadata(data_dir)
     features = features_section(metadata)
     vocabularies = _vocabularies(data_dir, metadata)

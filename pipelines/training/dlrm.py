@@ -319,9 +319,13 @@ class Trainer:
             self.engine.resume()
         self.engine.train()
 
-    def run(self) -> dict:
+    def run(self, train: bool = True) -> dict:
+        """Train (unless ``train`` is False: the model as it is, checkpointed), select, test, report."""
         start = time.perf_counter()
-        self.train()
+        if train:
+            self.train()
+        else:
+            self.engine.save()
         self.engine.end_on_best()
         validation = evaluate(self.model, self.eval_loaders["validation"].batches(), self.info.device, self.placeholder)
         test = (
@@ -371,7 +375,7 @@ class Trainer:
             ["validation log loss", fmt(metrics["val_logloss"])],
             ["test AUC", fmt(metrics["test_auc"])],
             ["test log loss", fmt(metrics["test_logloss"])],
-            ["samples/s (train)", f"{metrics['samples_per_second']:,.0f}"],
+            ["samples/s (train)", fmt(metrics["samples_per_second"] and f"{metrics['samples_per_second']:,.0f}")],
             ["steps", metrics["steps"]],
             ["embedding tables", human_bytes(metrics["total_table_bytes"])],
             ["as dense tables", human_bytes(metrics["dense_table_bytes"])],

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from kernels.tt import core_shapes, tt_rows_naive
-from kernels.tt_svd import tt_bytes, tt_svd
+from kernels.tt_svd import pad_ranks, tt_bytes, tt_svd
 
 SHAPES = [((5, 6, 7), (2, 2, 4), (3, 4)), ((9, 11), (4, 4), (5,)), ((3, 4, 2, 5), (2, 1, 2, 2), (2, 3, 2))]
 
@@ -74,3 +74,34 @@ def test_bad_arguments_are_refused_and_bytes_count_the_cores():
     with pytest.raises(ValueError, match="relative"):
         tt_svd(table, (3, 4), (2, 2), max_error=1.5)
     assert tt_bytes(11_000_000, (200, 220, 250), (4, 4, 4), 32) == 4 * (200 * 128 + 220 * 32 * 128 + 250 * 32 * 4)
+
+
+def test_row_weights_weight_each_rows_error_in_the_reported_error():
+    table = torch.randn(140, 8, generator=torch.Generator().manual_seed(5))
+    p, q = (10, 14), (2, 4)
+    plain = tt_svd(table, p, q, ranks=2)
+    doubled = tt_svd(table, p, q, ranks=2, row_weights=torch.full((140,), 2.0))
+    assert doubled.relative_error == pytest.approx(plain.relative_error, rel=1e-9)  # a common factor cancels
+    rebuilt = tt_rows_naive(plain.cores, torch.arange(140), p, q).double()
+    per_row = (table.double() - rebuilt).square().sum(1) / table.double().square().sum(1)
+    weights = (per_row < per_row.median()).double()  # only the better half of the rows counts
+    better = tt_svd(table, p, q, ranks=2, row_weights=weights)
+    expected = ((table.double() - rebuilt).square().sum(1) * weights).sum() / (
+        table.double().square().sum(1) * weights
+    ).sum()
+    assert better.relative_error == pytest.approx(float(expected.sqrt()), rel=1e-5)
+    assert better.relative_error < plain.relative_error
+
+
+def test_padding_the_ranks_keeps_every_row():
+    table = torch.randn(30, 8, generator=torch.Generator().manual_seed(6))
+    p, q = (5, 6), (2, 4)
+    found = tt_svd(table, p, q, ranks=40)  # the first unfolding is 10 wide: rank 10 at most
+    assert found.ranks == (10,)
+    padded = pad_ranks(found.cores, q, 16)
+    assert [tuple(c.shape) for c in padded] == core_shapes(p, q, (16,))
+    torch.testing.assert_close(
+        tt_rows_naive(padded, torch.arange(30), p, q), tt_rows_naive(found.cores, torch.arange(30), p, q)
+    )
+    with pytest.raises(ValueError, match="above the target"):
+        pad_ranks(found.cores, q, 4)

@@ -31,8 +31,11 @@ def _post(port: int, path: str, body: dict, headers: dict | None = None) -> tupl
 def test_sigterm_finishes_the_requests_in_flight_then_exits(dense_export):
     """Eight 4096-row requests are sent at once (0.4-2 s of work for the server: it takes them in turn); SIGTERM
     arrives once the service's own gauge shows at least four of them in flight (accepted, not yet answered).
-    Every one is answered 200 (none reset, none 5xx); a connection attempted after the signal is not accepted;
-    the server shuts down completely."""
+    Every request the service had accepted is answered 200 (none reset, none 5xx); one whose connection still
+    sat in the kernel's accept queue when the listening socket closed (a loaded machine is slow to accept) may
+    only be refused or reset, never answered with an error; a connection attempted after the signal is not
+    accepted; the server shuts down completely.
+    """
     server = LiveServer(dense_export, "--deadline-ms", "0")  # the last may wait > 1 s on a busy machine: not refused
     dense, sparse = random_rows(np.random.default_rng(3), 4096)
     body = _body(dense, sparse)
@@ -52,6 +55,7 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(dense_export):
         t.start()
     in_flight, deadline = 0.0, time.monotonic() + 30
     while in_flight < 4 and time.monotonic() < deadline:  # accepted and in the app (the service's own gauge)
+        asked = time.monotonic()  # a request done by then is not in the gauge
         metrics = server.get("/metrics")[1]
         in_flight = float(
             next(line.split()[1] for line in metrics.splitlines() if line.startswith("recsys_in_flight "))
@@ -69,7 +73,10 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(dense_export):
         t.join(timeout=60)
     finished_after = sum(1 for end, o in outcomes if end > signalled)
     print(f"\n8 requests: {sorted(o for _, o in outcomes)}, {finished_after} finished after SIGTERM; later one: {late}")
-    assert [o for _, o in outcomes] == ["200"] * 8
+    answered = [o for _, o in outcomes if o == "200"]
+    before = sum(1 for end, o in outcomes if end <= asked)
+    assert len(answered) >= before + in_flight, outcomes  # every request accepted by then finished, 200
+    assert all(o == "200" or "Reset" in o or "Refused" in o for _, o in outcomes), outcomes  # never an error status
     assert finished_after > 0, "every request had finished before SIGTERM: the test did not test draining"
     assert late in ("ConnectionRefusedError", "ConnectionResetError")
     # uvicorn ends by re-raising the signal it handled (so a supervisor sees why it stopped): -SIGTERM, after
