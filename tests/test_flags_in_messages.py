@@ -27,6 +27,7 @@ def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
     from pipelines.data.generate import build_parser as generate
     from pipelines.data.preprocess import build_parser as preprocess
     from pipelines.export.writer import build_parser as export
+    from pipelines.training.compress import build_parser as compress
     from pipelines.training.dlrm import build_parser as train
     from pipelines.training.next_item import build_parser as train_next_item
     from pipelines.training.sequence import build_parser as train_sequence
@@ -37,6 +38,7 @@ def _parsers() -> dict[str, Callable[[], argparse.ArgumentParser]]:
         "generate": generate,
         "preprocess": preprocess,
         "export": export,
+        "compress": compress,
         "train": train,
         "train_xmc": train_xmc,
         "train_next_item": train_next_item,
@@ -67,8 +69,9 @@ READERS = {
     "pipelines/training/next_item.py": ("train_next_item",),
     "pipelines/training/output_layer.py": ("train_xmc", "train_next_item"),
     "pipelines/training/sequence.py": ("train_sequence",),
+    "pipelines/training/compress.py": ("compress",),
     "pipelines/training/": TRAINING,
-    "pipelines/export/": ("export", "train", "train_next_item"),  # it names how the exported run was trained
+    "pipelines/export/": ("export", "train", "train_next_item", "compress"),  # how the exported run was trained
     "recsys/serving/": ("export", "service"),
     "service/": ("service", "export"),
     "recsys/": TRAINING,

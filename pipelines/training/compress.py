@@ -177,7 +177,7 @@ def _choose_ranks(
             raise ValueError(
                 f"--max-bytes {config.max_bytes}: even rank 1 needs "
                 f"{small_bytes + sum(tt_bytes(len(w), *shapes[n], 1) for n, w in weights.items())} bytes "
-                f"({small_bytes} of them the tables left dense; raise --tt-threshold's opposite: lower it)"
+                f"({small_bytes} of them the tables left dense: a lower --tt-threshold makes more of them TT)"
             )
         return fitting[-1]
     if config.max_error is not None:
