@@ -109,60 +109,52 @@ def gauge(metrics: ServiceMetrics, name: str) -> float:
     return metrics.registry.get_sample_value(name)
 
 
-def test_queued_requests_share_passes_up_to_max_batch_rows_and_each_gets_its_own_scores():
-    """Behind a held pass, requests of 3, 3, 2, 4, 3, 4 and 1 rows with max_batch_rows=8: passes of 8 rows (exactly the
-    limit), 7 (the next 4 would overflow it: left for the next pass) and 5; every caller gets its own rows' scores."""
+def queued_behind_a_held_pass(max_batch_rows: int, requests: list[tuple[int, bool]]):
+    """Hold a pass of 2 rows, queue ``requests`` ((rows, variants) each) behind it, then let every pass run.
+
+    Returns the model (its ``log`` and ``groups`` of every pass), each request's encoded rows and answer.
+    """
     gate = threading.Event()
     model = RecordingModel(gate=gate)
     metrics = ServiceMetrics()
 
     async def scenario():
-        async with running(MicroBatcher(max_batch_rows=8, max_wait_ms=0, max_queue=16, metrics=metrics)) as batcher:
+        batcher = MicroBatcher(max_batch_rows=max_batch_rows, max_wait_ms=0, max_queue=16, metrics=metrics)
+        async with running(batcher):
             try:
                 first = await hold_a_pass(batcher, model, 2)
-                inputs = [encoded_rows(n) for n in (3, 3, 2, 4, 3, 4, 1)]
-                tasks = [asyncio.create_task(batcher.score(model, *x)) for x in inputs]
-                await until(lambda: gauge(metrics, "recsys_queue_depth") == 7, "7 queued requests")
+                inputs = [encoded_rows(n) for n, _ in requests]
+                tasks = [
+                    asyncio.create_task(batcher.score(model, *x, variants))
+                    for x, (_, variants) in zip(inputs, requests, strict=True)
+                ]
+                queued = len(requests)
+                await until(lambda: gauge(metrics, "recsys_queue_depth") == queued, f"{queued} queued requests")
             finally:
                 gate.set()
             await result(first)
             return inputs, [await result(t) for t in tasks]
 
     inputs, answers = asyncio.run(scenario())
-    assert model.log == [("a", 2), ("a", 8), ("a", 7), ("a", 5)]
     for (dense, ids), answer in zip(inputs, answers, strict=True):
-        np.testing.assert_array_equal(answer, row_scores(dense, ids))
+        np.testing.assert_array_equal(answer, row_scores(dense, ids))  # every caller gets its own rows' scores
+    return model
+
+
+def test_queued_requests_share_passes_up_to_max_batch_rows_and_each_gets_its_own_scores():
+    """Behind a held pass, requests of 3, 3, 2, 4, 3, 4 and 1 rows with max_batch_rows=8: passes of 8 rows (exactly the
+    limit), 7 (the next 4 would overflow it: left for the next pass) and 5; every caller gets its own rows' scores."""
+    model = queued_behind_a_held_pass(8, [(n, False) for n in (3, 3, 2, 4, 3, 4, 1)])
+    assert model.log == [("a", 2), ("a", 8), ("a", 7), ("a", 5)]
 
 
 def test_a_pass_groups_the_rows_of_each_variants_request_and_leaves_other_rows_alone():
     """Score requests of 2 and 3 rows and rank requests (variants) of 4 and 1 rows in one pass: the model gets
     one group per rank request and one per other row, in the pass's row order; a pass without variants, none."""
-    gate = threading.Event()
-    model = RecordingModel(gate=gate)
-    metrics = ServiceMetrics()
-
-    async def scenario():
-        async with running(MicroBatcher(max_batch_rows=64, max_wait_ms=0, max_queue=16, metrics=metrics)) as batcher:
-            try:
-                first = await hold_a_pass(batcher, model, 2)
-                kinds = [(2, False), (4, True), (3, False), (1, True)]
-                inputs = [encoded_rows(n) for n, _ in kinds]
-                tasks = [
-                    asyncio.create_task(batcher.score(model, *x, variants))
-                    for x, (_, variants) in zip(inputs, kinds, strict=True)
-                ]
-                await until(lambda: gauge(metrics, "recsys_queue_depth") == 4, "4 queued requests")
-            finally:
-                gate.set()
-            await result(first)
-            return inputs, [await result(t) for t in tasks]
-
-    inputs, answers = asyncio.run(scenario())
+    model = queued_behind_a_held_pass(64, [(2, False), (4, True), (3, False), (1, True)])
     assert model.log == [("a", 2), ("a", 10)]
     assert model.groups[0] is None
     assert model.groups[1].tolist() == [0, 1, 2, 2, 2, 2, 3, 4, 5, 6]
-    for (dense, ids), answer in zip(inputs, answers, strict=True):
-        np.testing.assert_array_equal(answer, row_scores(dense, ids))
 
 
 def test_requests_of_two_models_never_share_a_pass():
