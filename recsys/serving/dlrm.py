@@ -234,8 +234,8 @@ class TTTables(nn.Module):
         search, the kernel's set-up) is paid once, and rows asked twice are computed once.
         """
         columns = [c for c, _ in lookups]
-        sizes = torch.tensor([len(ids) for _, ids in lookups])
         values = torch.cat([ids for _, ids in lookups])
+        sizes = torch.tensor([len(ids) for _, ids in lookups], device=values.device)
         outside = (values < 0) | (values >= self._rows[columns].repeat_interleave(sizes))
         if bool(outside.any()):  # the TT kernels do not bound-check
             for c, ids in lookups:
@@ -245,9 +245,9 @@ class TTTables(nn.Module):
         start = [self._column_tt_start[c] for c in columns]  # -1: a dense table
         rows: list[torch.Tensor | None] = [None] * len(lookups)
         if max(start) >= 0:
-            per_value = torch.tensor(start).repeat_interleave(sizes)
+            per_value = torch.tensor(start, device=values.device).repeat_interleave(sizes)
             global_rows = (values + per_value)[per_value >= 0]
-            offsets = torch.arange(len(global_rows) + 1)  # one id per bag
+            offsets = torch.arange(len(global_rows) + 1, device=values.device)  # one id per bag
             found = self.tt_groups[TT_GROUP].lookup_global(global_rows, offsets, None)
             tt_rows = iter(
                 found.split([len(ids) for (_, ids), first in zip(lookups, start, strict=True) if first >= 0])
@@ -354,12 +354,12 @@ class InferenceDLRM(nn.Module):
         # group's first row only in the entries touching a varying vector, so W z + b = (W z_first + b) +
         # W[:, changed] (z - z_first)[changed]: a few dozen of the hundreds of columns of W per row.
         varying = ([0] if dense_varies else []) + [c + 1 for c in varying_columns]
-        places, flat = self.inter_arch.pairs_with(varying)
+        places, flat = (t.to(combined.device) for t in self.inter_arch.pairs_with(varying))
         width = x_first.shape[1]
         changed = places + width
         z_changed = torch.bmm(combined[:, varying], combined.transpose(1, 2)).flatten(1).index_select(1, flat)
         if dense_varies:
-            changed = torch.cat((torch.arange(width), changed))
+            changed = torch.cat((torch.arange(width, device=changed.device), changed))
             z_changed = torch.cat((combined[:, 0], z_changed), dim=1)
         z_first = torch.cat((x_first, self.inter_arch.dots(shared)), dim=1)  # (R, Z)
         layer = self.over_arch.first_layer()
