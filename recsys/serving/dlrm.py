@@ -71,16 +71,15 @@ class _OverArch(nn.Module):
         return self.model(x)
 
     def first_layer(self) -> nn.Linear:
-        """The linear layer the interaction's output enters (the grouped forward splits it by input)."""
-        hidden = self.model[0]._mlp
-        return hidden[0]._linear if len(hidden) else self.model[1]
+        """The linear layer the interaction's output enters (the grouped forward splits it by input).
+
+        ``DLRMConfig`` asks for two layers or more, so the first is always a hidden one.
+        """
+        return self.model[0]._mlp[0]._linear
 
     def after_first_layer(self, pre: torch.Tensor) -> torch.Tensor:
         """The rest of the network from the first layer's output before its activation."""
-        hidden = self.model[0]._mlp
-        if not len(hidden):
-            return pre
-        return self.model[1](hidden[1:](torch.relu(pre)))
+        return self.model[1](self.model[0]._mlp[1:](torch.relu(pre)))
 
 
 class _DotInteraction(nn.Module):

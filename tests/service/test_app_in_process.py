@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from prometheus_client import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
@@ -545,3 +546,40 @@ def test_the_overload_settings_reach_the_parts_that_apply_them(dense_export):
         limits = next(m for m in app.user_middleware if m.cls is LimitsAndMetricsMiddleware)
         assert limits.kwargs["max_in_flight"] == in_flight
         assert app.state.batcher.deadline == deadline_s
+
+
+def test_rank_and_recommend_score_their_candidates_as_one_group_and_score_rows_alone(client, monkeypatch):
+    """The rank and recommend routes mark their candidates as variants of one row (the forward shares their
+    context's work); score requests do not. Seen from the model: the group ids of each pass."""
+    served = client.app.state.store.current
+    groups = []
+    real_predict = served.predict
+
+    def spy(dense, ids, group=None):
+        groups.append(None if group is None else group.copy())
+        return real_predict(dense, ids, group)
+
+    monkeypatch.setattr(served, "predict", spy)
+    rng = np.random.default_rng(108)
+    (context_dense,), (context_sparse,) = random_rows(rng, 1, hot=5000)
+    candidates, _, _ = _candidates(rng, context_dense, context_sparse)
+    context = {"dense": context_dense, "sparse": context_sparse}
+    assert client.post("/v1/rank", json={"context": context, "candidates": candidates}).status_code == 200
+    assert client.post("/v1/recommend", json={"context": context, "candidates": 20}).status_code == 200
+    dense, sparse = random_rows(rng, 3, hot=5000)
+    assert client.post("/v1/score", json=_body(dense, sparse)).status_code == 200
+    assert [g.tolist() if g is not None else None for g in groups] == [[0] * len(candidates), [0] * 20, None]
+    assert all(g.dtype == np.int64 for g in groups[:2])
+
+
+def test_the_exported_model_hands_the_group_to_the_network(client, monkeypatch):
+    """``predict`` passes its group on; the offline ``recommend`` scores its retrieved items as one group (int64)."""
+    served = client.app.state.store.current
+    seen = []
+    real_forward = served.model.forward
+    monkeypatch.setattr(served.model, "forward", lambda d, i, g=None: (seen.append(g), real_forward(d, i, g))[1])
+    dense, ids = served.encoder.encode(*random_rows(np.random.default_rng(109), 4, hot=5000))
+    served.predict(dense, ids, np.array([0, 0, 1, 1]))
+    assert seen[-1].tolist() == [0, 0, 1, 1]
+    served.recommend([1, 2, 3], [1] * 13, ["a"] * 26, k=5, candidates=20)
+    assert seen[-1].dtype == torch.int64 and seen[-1].tolist() == [0] * 20

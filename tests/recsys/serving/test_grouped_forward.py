@@ -7,6 +7,7 @@ table columns, the dense values, nothing at all; groups of one (score requests) 
 
 from __future__ import annotations
 
+import itertools
 import zlib
 
 import pytest
@@ -106,3 +107,14 @@ def test_a_group_that_is_not_sorted_or_not_one_per_row_is_refused():
         model(dense, ids, torch.tensor([0, 1, 0, 1]))
     with pytest.raises(ValueError, match="non-decreasing"):
         model(dense, ids, torch.tensor([0, 0, 1]))
+
+
+def test_the_table_of_varying_pairs_stays_bounded():
+    """Requests that vary ever new column sets must not grow the cache of pair tables without bound: 360
+    ordered sets of 4 of the 6 vectors, the cache never above 256."""
+    inter = _model("dot", None).inter_arch
+    sizes = []
+    for varying in itertools.permutations(range(len(VOCAB) + 1), 4):
+        inter.pairs_with(varying)
+        sizes.append(len(inter._pairs_of))
+    assert max(sizes) == 256 and sizes[-1] < 256
