@@ -198,12 +198,9 @@ class TTTables(nn.Module):
         self.tt_index = {t: i for i, t in enumerate(tt)}
         rest = {t.removeprefix("t_"): sizes[t] for t in self.tables if t not in self.tt_index}
         self.dense = DenseTables(rest, embedding_dim) if rest else None
-        tt_rows = torch.tensor([sizes[t] for t in tt], dtype=torch.int64)
-        self.register_buffer("_tt_starts", tt_rows.cumsum(0) - tt_rows, persistent=False)  # global row of row 0
-        self._tt_columns = [self.tables.index(t) for t in tt]  # the ids' columns that are TT tables, group order
         self.register_buffer("_rows", torch.tensor([sizes[t] for t in self.tables], dtype=torch.int64), False)
-        # per column, as Python ints: read per lookup without a tensor index each (-1: not a TT table)
-        tt_start = dict(zip(tt, (tt_rows.cumsum(0) - tt_rows).tolist(), strict=True))
+        # per column, the global row of its table's row 0 in the TT group (-1: not a TT table), as Python ints
+        tt_start = dict(zip(tt, itertools.accumulate((sizes[t] for t in tt), initial=0), strict=False))
         self._column_tt_start = [tt_start.get(t, -1) for t in self.tables]
 
     def table_report(self) -> dict[str, dict]:

@@ -118,3 +118,23 @@ def test_the_table_of_varying_pairs_stays_bounded():
         inter.pairs_with(varying)
         sizes.append(len(inter._pairs_of))
     assert max(sizes) == 256 and sizes[-1] < 256
+
+
+@pytest.mark.parametrize("tt", [None, TT], ids=["dense tables", "tt tables"])
+def test_lookups_reach_the_first_and_last_row_of_each_table_and_refuse_one_past(tt):
+    """Row 0 (a missing value) and the last row of every table, asked column by column and all together (the
+    first TT table alone too: its rows start the group's global ids at 0), equal the plain forward's rows."""
+    model = _model("dot", tt)
+    tables = model.sparse_arch.embedding_bag_collection
+    edges = torch.tensor([[0] * len(VOCAB), [v - 1 for v in VOCAB.values()]])
+    whole = model.sparse_arch(edges)  # (2, F, D)
+    for c in range(len(VOCAB)):
+        (alone,) = tables.rows_of([(c, edges[:, c])])
+        torch.testing.assert_close(alone, whole[:, c])
+    both = tables.rows_of([(c, edges[:, c]) for c in range(len(VOCAB))])
+    torch.testing.assert_close(torch.stack(both, dim=1), whole)
+    for c, rows in enumerate(VOCAB.values()):  # dense tables: torch's own index error
+        with pytest.raises(IndexError, match=f"t_C{c + 1}: id {rows} outside its {rows} rows" if tt else "range"):
+            tables.rows_of([(c, torch.tensor([0, rows]))])
+        with pytest.raises(IndexError, match=f"t_C{c + 1}: id -1 outside" if tt else "range"):
+            tables.rows_of([(c, torch.tensor([-1]))])
