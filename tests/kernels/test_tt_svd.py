@@ -16,7 +16,9 @@ import torch
 from kernels.tt import core_shapes, tt_rows_naive
 from kernels.tt_svd import pad_ranks, tt_bytes, tt_svd
 
-SHAPES = [((5, 6, 7), (2, 2, 4), (3, 4)), ((9, 11), (4, 4), (5,)), ((3, 4, 2, 5), (2, 1, 2, 2), (2, 3, 2))]
+# the last: r_2 = 5 needs more than p_1 rows of the last unfolding (its cap is p_1 p_2 D / q_3 = 12)
+SHAPES = [((5, 6, 7), (2, 2, 4), (3, 4)), ((9, 11), (4, 4), (5,)), ((3, 4, 2, 5), (2, 1, 2, 2), (2, 3, 2)),
+          ((2, 6, 5), (1, 1, 4), (2, 5))]  # fmt: skip
 
 
 def _tt_table(p, q, ranks, seed):
@@ -31,7 +33,9 @@ def test_a_table_with_an_exact_tt_form_is_rebuilt(p, q, ranks):
     found = tt_svd(table, p, q, ranks=ranks, block_rows=13)
     assert found.ranks == ranks
     assert [tuple(c.shape) for c in found.cores] == core_shapes(p, q, ranks)
+    assert all(c.dtype == torch.float32 for c in found.cores)
     assert found.relative_error < 1e-5
+    assert tt_svd(table, p, q, max_error=1e-6, block_rows=20).ranks == ranks  # the smallest exact ranks
     rebuilt = tt_rows_naive([c.double() for c in found.cores], torch.arange(len(table)), p, q)
     torch.testing.assert_close(rebuilt, table, rtol=1e-5, atol=1e-5 * float(table.abs().max()))
 
@@ -59,10 +63,11 @@ def test_a_table_shorter_than_prod_p_and_any_block_size_give_the_same_cores():
     table = torch.randn(200, 16, generator=torch.Generator().manual_seed(4))  # prod(p) = 210: 10 rows missing
     p, q = (5, 6, 7), (2, 2, 4)
     whole = tt_svd(table, p, q, ranks=(3, 5), block_rows=1 << 16)
-    streamed = tt_svd(table, p, q, ranks=(3, 5), block_rows=7)
-    assert whole.relative_error == pytest.approx(streamed.relative_error, rel=1e-6)
-    rebuilt = [tt_rows_naive(f.cores, torch.arange(200), p, q) for f in (whole, streamed)]
-    torch.testing.assert_close(rebuilt[0], rebuilt[1], rtol=1e-4, atol=1e-5)
+    for block_rows in (7, 28):  # blocks of p_d = 7 rows: one a chunk, or four with a last chunk of one
+        streamed = tt_svd(table, p, q, ranks=(3, 5), block_rows=block_rows)
+        assert whole.relative_error == pytest.approx(streamed.relative_error, rel=1e-6)
+        rebuilt = [tt_rows_naive(f.cores, torch.arange(200), p, q) for f in (whole, streamed)]
+        torch.testing.assert_close(rebuilt[0], rebuilt[1], rtol=1e-4, atol=1e-5)
 
 
 def test_bad_arguments_are_refused_and_bytes_count_the_cores():
@@ -72,7 +77,13 @@ def test_bad_arguments_are_refused_and_bytes_count_the_cores():
     with pytest.raises(ValueError, match="ranks, a max_error"):
         tt_svd(table, (3, 4), (2, 2))
     with pytest.raises(ValueError, match="relative"):
-        tt_svd(table, (3, 4), (2, 2), max_error=1.5)
+        tt_svd(table, (3, 4), (2, 2), max_error=1.0)
+    with pytest.raises(ValueError, match="do not fit"):
+        tt_svd(table, (10,), (4,), ranks=1)  # one core is not a TT
+    with pytest.raises(ValueError, match="do not fit"):
+        tt_svd(torch.randn(12, 4), (3, 4), (2, 2, 1), ranks=1)  # a q per p
+    with pytest.raises(ValueError, match="ranks must be 2"):
+        tt_svd(torch.randn(12, 4), (2, 2, 3), (1, 2, 2), ranks=(2, 2, 2))
     assert tt_bytes(11_000_000, (200, 220, 250), (4, 4, 4), 32) == 4 * (200 * 128 + 220 * 32 * 128 + 250 * 32 * 4)
 
 
@@ -105,3 +116,41 @@ def test_padding_the_ranks_keeps_every_row():
     )
     with pytest.raises(ValueError, match="above the target"):
         pad_ranks(found.cores, q, 4)
+
+
+def _with_spectrum(singular_values: list[float], p: tuple[int, int], q: tuple[int, int]) -> torch.Tensor:
+    """A table whose one TT-SVD unfolding ((i_1, j_1) x (i_2, j_2), d = 2) has these singular values."""
+    g = torch.Generator().manual_seed(8)
+    rows, cols = p[0] * q[0], p[1] * q[1]
+    u, _ = torch.linalg.qr(torch.randn(rows, rows, generator=g, dtype=torch.float64))
+    v, _ = torch.linalg.qr(torch.randn(cols, cols, generator=g, dtype=torch.float64))
+    k = len(singular_values)
+    unfolding = u[:, :k] @ torch.diag(torch.tensor(singular_values, dtype=torch.float64)) @ v[:, :k].T
+    return unfolding.reshape(p[0], q[0], p[1], q[1]).permute(0, 2, 1, 3).reshape(p[0] * p[1], q[0] * q[1])
+
+
+def test_max_error_keeps_exactly_the_components_its_budget_cannot_drop():
+    """d = 2 (one SVD, budget max_error * ||W||): singular values 10, 3, 1.2, 0.1 (energies 100, 9, 1.44, 0.01)."""
+    p, q = (6, 5), (2, 2)
+    table = _with_spectrum([10.0, 3.0, 1.2, 0.1], p, q)
+    norm = math.sqrt(100 + 9 + 1.44 + 0.01)
+    for dropped, rank in ((1.45, 2), (10.45, 1), (0.01, 3), (0.0, 4)):
+        target = math.sqrt(dropped) / norm + 1e-5  # above the Gram matrix's rounding (~1e-14 of energy)
+        found = tt_svd(table, p, q, max_error=target)
+        assert found.ranks == (rank,), (dropped, found.ranks)
+        assert found.relative_error == pytest.approx(math.sqrt(dropped) / norm, abs=1e-5)
+    assert tt_svd(table, p, q, max_error=0.0).relative_error < 1e-6  # nothing may be dropped
+    assert tt_svd(table, p, q, ranks=7).ranks == (7,)  # fixed ranks hold even above the table's own rank
+
+
+def test_a_zero_table_and_a_table_of_small_values_report_their_errors():
+    zero = tt_svd(torch.zeros(30, 4), (5, 6), (2, 2), ranks=2)
+    assert zero.relative_error == 0.0 and zero.ranks == (2,)  # fixed ranks are kept, even of zero energy
+    small = torch.randn(30, 4, generator=torch.Generator().manual_seed(9)) * 0.01  # ||W||^2 well below 1
+    assert 0.1 < tt_svd(small, (5, 6), (2, 2), ranks=1).relative_error < 1.0
+
+
+def test_a_rank_asked_above_the_last_unfoldings_rank_is_capped_there():
+    table = torch.randn(60, 4, generator=torch.Generator().manual_seed(10))
+    found = tt_svd(table, (2, 6, 5), (1, 1, 4), ranks=(2, 20))  # the last unfolding has 2 * 6 * 1 = 12 rows
+    assert found.ranks == (2, 12)
