@@ -59,13 +59,13 @@ def tt_svd(
     if max_error is not None and not 0 <= max_error < 1:
         raise ValueError(f"max_error is relative, in [0, 1), got {max_error}")
     caps = _rank_caps(ranks, d)
-    norm = _frobenius(weight, block_rows)
-    budget = (max_error or 0.0) * norm / math.sqrt(d - 1) if max_error is not None else None
 
     # the last core: Gram matrix of the last unfolding, streamed over blocks of p_d rows
     gram = torch.zeros(p[-1] * q[-1], p[-1] * q[-1], dtype=torch.float64)
     for unfolded in _last_unfoldings(weight, p, q, block_rows):
         gram += unfolded.T @ unfolded
+    norm = math.sqrt(float(gram.trace()))  # the trace of the Gram matrix is ||W||_F^2: no pass of its own
+    budget = None if max_error is None else max_error * norm / math.sqrt(d - 1)
     eigenvalues, eigenvectors = torch.linalg.eigh(gram)
     energy = eigenvalues.flip(0).clamp_min(0.0)
     rank = _truncation(energy, min(caps[-1], math.prod(p[:-1]) * (dim // q[-1])), budget)  # <= the unfolding's rank
@@ -162,10 +162,6 @@ def _last_unfoldings(weight: torch.Tensor, p: tuple[int, ...], q: tuple[int, ...
         seen += count
     if seen < prefixes:  # prefixes past the table's last row: zero rows of the unfolding
         yield weight.new_zeros((prefixes - seen) * inner, p[-1] * outer, dtype=torch.float64)
-
-
-def _frobenius(weight: torch.Tensor, block_rows: int) -> float:
-    return math.sqrt(sum(float(chunk.square().sum()) for chunk in _blocks(weight, 1, block_rows)))
 
 
 def _relative_error(weight, cores, p, q, block_rows: int, row_weights: torch.Tensor | None) -> float:
