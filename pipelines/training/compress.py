@@ -127,16 +127,15 @@ def compress_run(
         trainer = Trainer(tuned, run.data_dir, out, progress=progress)
         _load_dense_run(trainer, tensors, decompositions)
         decomposed = {
-            split: evaluate(
-                trainer.model, trainer.eval_loaders[split].batches(), trainer.info.device, trainer.placeholder
-            )
-            for split in ("validation", "test")
+            "validation": trainer.engine.validate(),  # step 0: the decomposed model, the best so far
+            "test": evaluate(
+                trainer.model, trainer.eval_loaders["test"].batches(), trainer.info.device, trainer.placeholder
+            ),
         }
-        trainer.engine.validate()  # step 0: the decomposed model, the best so far
         metrics = trainer.run(train=config.fine_tune_steps > 0)  # checkpoints, metrics.json, the report
     if trainer.is_rank0:
         _write_train_config(Path(out), tuned)
-    report = _report(config, run, trainer, decompositions, shapes, small_bytes, decomposed, metrics)
+    report = _report(config, run, trainer, decompositions, small_bytes, decomposed, metrics)
     if trainer.is_rank0:
         (Path(out) / REPORT_FILE).write_text(json.dumps(report, indent=2))
         _print_report(report)
@@ -168,16 +167,15 @@ def _choose_ranks(
 ) -> int:
     """The one rank of every TT table and core (see :class:`CompressConfig`)."""
     if config.max_bytes is not None:
-        fitting = [
-            r
-            for r in range(1, config.max_rank + 1)
-            if small_bytes + sum(tt_bytes(len(w), *shapes[n], r) for n, w in weights.items()) <= config.max_bytes
-        ]
+
+        def stored(rank: int) -> int:
+            return small_bytes + sum(tt_bytes(len(w), *shapes[n], rank) for n, w in weights.items())
+
+        fitting = [r for r in range(1, config.max_rank + 1) if stored(r) <= config.max_bytes]
         if not fitting:
             raise ValueError(
-                f"--max-bytes {config.max_bytes}: even rank 1 needs "
-                f"{small_bytes + sum(tt_bytes(len(w), *shapes[n], 1) for n, w in weights.items())} bytes "
-                f"({small_bytes} of them the tables left dense: a lower --tt-threshold makes more of them TT)"
+                f"--max-bytes {config.max_bytes}: even rank 1 needs {stored(1)} bytes ({small_bytes} of them the "
+                "tables left dense: a lower --tt-threshold makes more of them TT)"
             )
         return fitting[-1]
     if config.max_error is not None:
@@ -250,20 +248,18 @@ def _plain_name(key: str) -> str | None:
     return key.replace(".embedding_bag_collection.dense.embedding_bags.", ".embedding_bag_collection.embedding_bags.")
 
 
-def _report(config, run, trainer, decompositions, shapes, small_bytes, decomposed, metrics) -> dict:
-    dim = trainer.config.model.embedding_dim
+def _report(config, run, trainer, decompositions, small_bytes, decomposed, metrics) -> dict:
     per_table = {}
     for name, found in decompositions.items():
-        rows = trainer.table_report[name]["rows"]
-        stored = sum(c.numel() for c in found.cores) * 4
+        table = trainer.table_report[name]  # the TT model's own account of the table's cores
         per_table[name.removeprefix("t_")] = {
-            "rows": rows,
-            "p_shapes": list(shapes[name][0]),
-            "q_shapes": list(shapes[name][1]),
-            "ranks": list(found.ranks),
-            "bytes": stored,
-            "dense_bytes": rows * dim * 4,
-            "compression": rows * dim * 4 / stored,
+            "rows": table["rows"],
+            "p_shapes": table["p_shapes"],
+            "q_shapes": table["q_shapes"],
+            "ranks": table["ranks"],  # as stored: a table whose fit stopped at lower ranks is padded with zeros
+            "bytes": table["bytes"],
+            "dense_bytes": table["dense_bytes"],
+            "compression": table["dense_bytes"] / table["bytes"],
             "relative_error": found.relative_error,
         }
     tt_bytes_total = sum(t["bytes"] for t in per_table.values())
@@ -272,7 +268,7 @@ def _report(config, run, trainer, decompositions, shapes, small_bytes, decompose
         "source": str(run.checkpoint),
         "data": str(run.data_dir),
         "config": dataclasses.asdict(config),
-        "ranks": list(next(iter(decompositions.values())).ranks),
+        "ranks": next(iter(per_table.values()))["ranks"],  # one group: every TT table has these
         "tables": per_table,
         "embedding_bytes": tt_bytes_total + small_bytes,
         "dense_embedding_bytes": dense_total,
