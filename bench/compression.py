@@ -45,7 +45,7 @@ from pipelines.training.dlrm import TrainConfig, Trainer
 from pipelines.training.evaluate import evaluate
 from recsys.configs import TTConfig
 from recsys.logs import setup_logging
-from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES
+from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES, kaggle_table_rows
 
 REPO = Path(__file__).resolve().parents[1]
 QUANTIZERS = {  # fbgemm's row-wise quantization: (quantize, dequantize, bytes of a row of width D)
@@ -70,16 +70,12 @@ class Point:
     test_auc: float
 
 
-def table_rows(max_index: int) -> tuple[int, ...]:
-    return tuple(min(max_index, v + NUM_RESERVED_INDICES) for v in KAGGLE_VOCAB_SIZES)
-
-
 def prepare(root: Path, name: str, source: list[Path], test: Path | None, max_index: int) -> Path:
     out = root / f"{name}-pq-{max_index}"
     if not out.exists():
         split = (0.8, 0.1, 0.1) if test is None else (0.9, 0.1, 0.0)
         tests = (str(test),) if test is not None else ()
-        cfg = PreprocessConfig(vocab="hash", max_index=table_rows(max_index), split=split, test_files=tests)
+        cfg = PreprocessConfig(vocab="hash", max_index=kaggle_table_rows(max_index), split=split, test_files=tests)
         Preprocessor([*source, *([test] if test else [])], out, cfg, progress=False).run()
     return out
 
@@ -117,7 +113,7 @@ def hashed_rows_for(budget: int, dim: int) -> int:
     low, high = NUM_RESERVED_INDICES + 1, max(KAGGLE_VOCAB_SIZES) + NUM_RESERVED_INDICES
     while low < high:
         middle = (low + high + 1) // 2
-        if sum(table_rows(middle)) * dim * 4 <= budget:
+        if sum(kaggle_table_rows(middle)) * dim * 4 <= budget:
             low = middle
         else:
             high = middle - 1

@@ -29,7 +29,7 @@ from pipelines.report import format_table, human_bytes
 from pipelines.training.dlrm import TrainConfig, Trainer
 from recsys.configs import TTConfig
 from recsys.logs import setup_logging
-from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES
+from recsys.serving.criteo import kaggle_table_rows
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         generate_tsv(root / "raw.tsv", args.rows, seed=0)
-        max_index = tuple(min(args.max_index, v + NUM_RESERVED_INDICES) for v in KAGGLE_VOCAB_SIZES)
+        max_index = kaggle_table_rows(args.max_index)
         Preprocessor([root / "raw.tsv"], root / "pq", PreprocessConfig(vocab="hash", max_index=max_index)).run()
         base = dict(batch_size=args.batch_size, checkpoint_every=0, eval_every=0)
         configs = [] if args.skip_dense else [("dense", TrainConfig(**base))]

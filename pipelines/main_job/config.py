@@ -8,7 +8,7 @@ from typing import Literal
 
 from pipelines.export.cache import CACHE_POLICIES
 from recsys.serving import CORE_DTYPES
-from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES
+from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES, kaggle_table_rows
 
 
 @dataclass(frozen=True)
@@ -66,8 +66,9 @@ class MainJobConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.max_index <= NUM_RESERVED_INDICES:
-            reserved = NUM_RESERVED_INDICES  # rows 0 (missing) and 1 (out of vocabulary)
-            raise ValueError(f"--max-index must be > {reserved} (rows 0 and 1 are reserved), got {self.max_index}")
+            raise ValueError(
+                f"--max-index must be > {NUM_RESERVED_INDICES} (rows 0 and 1 are reserved), got {self.max_index}"
+            )
         if self.tt_cache_size < 0:
             raise ValueError(f"--tt-cache-size must be >= 0, got {self.tt_cache_size}")
         if not self.core_dtypes or any(d not in CORE_DTYPES for d in self.core_dtypes):
@@ -85,4 +86,4 @@ class MainJobConfig:
         """``pipelines.preprocess --max-index`` per column."""
         if self.vocab == "freq":
             return (self.max_index,) * len(KAGGLE_VOCAB_SIZES)
-        return tuple(min(v + NUM_RESERVED_INDICES, self.max_index) for v in KAGGLE_VOCAB_SIZES)
+        return kaggle_table_rows(self.max_index)

@@ -38,3 +38,9 @@ KAGGLE_SPARSE_MISSING: tuple[float, ...] = (
 MISSING_INDEX = 0
 OOV_INDEX = 1
 NUM_RESERVED_INDICES = 2
+
+
+def kaggle_table_rows(max_index: int) -> tuple[int, ...]:
+    """Rows per table of Kaggle's columns hashed into at most ``max_index`` rows (DLRM's ``--max-ind-range``):
+    each vocabulary plus the reserved rows, capped (``pipelines.preprocess --max-index`` per column)."""
+    return tuple(min(v + NUM_RESERVED_INDICES, max_index) for v in KAGGLE_VOCAB_SIZES)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from pipelines import preprocess, train
-from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES
+from recsys.serving.criteo import kaggle_table_rows
 
 REPO = Path(__file__).resolve().parents[3]
 FILES = ("kaggle_train_head_10k.tsv", "kaggle_misc_samples.tsv", "terabyte_day0_part_10k.tsv")
@@ -50,7 +50,7 @@ def test_dlrm_on_kaggle_10k_reaches_validation_auc(data_dir, tmp_path):
 
 def _hashed_kaggle(data_dir: Path, out: Path) -> Path:
     """Kaggle 10k, categoricals hashed into min(Kaggle vocabulary, 10^6) rows per table."""
-    max_index = ",".join(str(min(1_000_000, v + NUM_RESERVED_INDICES)) for v in KAGGLE_VOCAB_SIZES)
+    max_index = ",".join(map(str, kaggle_table_rows(1_000_000)))
     criteo = data_dir / "criteo"
     preprocess.main([
         "--input", str(criteo / "kaggle_train_head_10k.tsv"), "--test", str(criteo / "kaggle_misc_samples.tsv"),

@@ -14,7 +14,7 @@ import pytest
 from pipelines.data import preprocess
 from pipelines.export.writer import export_checkpoint
 from pipelines.training import compress, dlrm
-from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES
+from recsys.serving.criteo import kaggle_table_rows
 from tests.pipelines.training.test_distributed import REPO
 
 pytestmark = [pytest.mark.realdata, pytest.mark.slow]
@@ -25,7 +25,7 @@ QUIET = ["--no-progress"]
 def dense_run(data_dir, tmp_path_factory):
     """Kaggle 10k hashed into min(vocabulary, 10^6) rows per table (340 MiB of tables), one dense epoch."""
     root = tmp_path_factory.mktemp("compress")
-    max_index = ",".join(str(min(1_000_000, v + NUM_RESERVED_INDICES)) for v in KAGGLE_VOCAB_SIZES)
+    max_index = ",".join(map(str, kaggle_table_rows(1_000_000)))
     criteo = data_dir / "criteo"
     preprocess.main([
         "--input", str(criteo / "kaggle_train_head_10k.tsv"), "--test", str(criteo / "kaggle_misc_samples.tsv"),
