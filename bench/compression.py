@@ -80,10 +80,10 @@ def prepare(root: Path, name: str, source: list[Path], test: Path | None, max_in
     return out
 
 
-def train(config: TrainConfig, data: Path, out: Path) -> Trainer:
+def train(config: TrainConfig, data: Path, out: Path) -> tuple[Trainer, float]:
+    """The trained model and its test AUC."""
     trainer = Trainer(config, data, out, progress=False)
-    trainer.run()
-    return trainer
+    return trainer, trainer.run()["test_auc"]
 
 
 def quantized_auc(trainer: Trainer, kind: str) -> tuple[float, int]:
@@ -128,8 +128,8 @@ def run_dataset(name: str, data: Path, base: TrainConfig, args: argparse.Namespa
         points.append(Point(name, method, int(size), float(auc)))
         print(f"{name:<10} {method:<16} {human_bytes(size):>10} test AUC {auc:.4f}", flush=True)
 
-    dense = train(base, data, work / "dense")
-    add("dense fp32", sum(dense.table_bytes.values()), _test_auc(dense))
+    dense, auc = train(base, data, work / "dense")
+    add("dense fp32", sum(dense.table_bytes.values()), auc)
     # each quantization from the fp32 tables: int8 in place, then the checkpoint again for int4
     auc8, size8 = quantized_auc(dense, "int8")
     add("dense int8", size8, auc8)
@@ -148,8 +148,8 @@ def run_dataset(name: str, data: Path, base: TrainConfig, args: argparse.Namespa
             if dtype == "fp32" and args.hashing:
                 cap = hashed_rows_for(size, base.model.embedding_dim)
                 hashed = make_data(cap)
-                trainer = train(base, hashed, work / f"hash{rank}")
-                add(f"hashing @TT r{rank}", sum(trainer.table_bytes.values()), _test_auc(trainer))
+                trainer, auc = train(base, hashed, work / f"hash{rank}")
+                add(f"hashing @TT r{rank}", sum(trainer.table_bytes.values()), auc)
     for rank in args.compress_ranks:
         out = work / f"compress{rank}"
         compress_run(work / "dense", out, CompressConfig(tt_ranks=rank, tt_threshold=args.tt_threshold), progress=False)
@@ -157,10 +157,6 @@ def run_dataset(name: str, data: Path, base: TrainConfig, args: argparse.Namespa
             auc, size = exported(out, work / f"compress{rank}-{dtype}", dtype)
             add(f"compress r{rank} {dtype}", size, auc)
     return points
-
-
-def _test_auc(trainer: Trainer) -> float:
-    return json.loads((trainer.out_dir / "metrics.json").read_text())["test_auc"]
 
 
 def plot(points: list[Point], path: Path) -> None:

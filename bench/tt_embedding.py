@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     works: dict[str, Work] = {}
     for dist in [d.strip() for d in args.dists.split(",") if d.strip()]:
         batches = make_batches(cfg, dist, args.zipf_alpha, args.warmup + args.steps, args.seed)
-        work = Work.of(cfg, batches[args.warmup :], args.cache_size)
+        work = Work.of(cfg, batches[args.warmup :])
         if "ours+cache" in methods:
             forward, train, embs = ours(cfg, args.cache_size)
             prepare_cached(embs, make_batches(cfg, dist, args.zipf_alpha, args.cache_warmup, args.seed, stream=1))
@@ -412,7 +412,7 @@ class Work:
     cold_nominal: float | None = None  # nominal FLOPs of the distinct rows the cache does not hold
 
     @classmethod
-    def of(cls, cfg: Config, batches: list[Batch], cache_size: int) -> Work:
+    def of(cls, cfg: Config, batches: list[Batch]) -> Work:
         flops = [tt_flops(cfg, b) for b in batches]
         lookups = cfg.batch * cfg.bag * cfg.tables
         unique = statistics.mean(sum(torch.unique(i).numel() for i in b.indices) for b in batches) / lookups
