@@ -336,9 +336,8 @@ class InferenceDLRM(nn.Module):
         if not varying_columns and not dense_varies:  # every row is its group's first
             return self.over_arch(self.inter_arch(x_first, shared[:, 1:])).index_select(0, owner)
 
-        combined = shared.index_select(
-            0, owner
-        )  # (B, F + 1, D): each row its group's vectors, then its own where they vary
+        # (B, F + 1, D): each row its group's vectors, then its own where they vary
+        combined = shared.index_select(0, owner)
         if dense_varies:
             combined[:, 0] = self.dense_arch(dense)
         if varying_columns:
