@@ -370,12 +370,13 @@ class Trainer:
         def fmt(v: float | None) -> object:
             return "-" if v is None else v
 
+        rate = metrics["samples_per_second"]  # None when nothing was trained (pipelines.compress --fine-tune-steps 0)
         rows = [
             ["validation AUC", fmt(metrics["val_auc"])],
             ["validation log loss", fmt(metrics["val_logloss"])],
             ["test AUC", fmt(metrics["test_auc"])],
             ["test log loss", fmt(metrics["test_logloss"])],
-            ["samples/s (train)", fmt(metrics["samples_per_second"] and f"{metrics['samples_per_second']:,.0f}")],
+            ["samples/s (train)", fmt(None if rate is None else f"{rate:,.0f}")],
             ["steps", metrics["steps"]],
             ["embedding tables", human_bytes(metrics["total_table_bytes"])],
             ["as dense tables", human_bytes(metrics["dense_table_bytes"])],

@@ -82,14 +82,18 @@ def test_max_bytes_picks_the_largest_rank_that_fits_and_max_error_holds_every_ta
     assert bounded["ranks"][0] <= 6
 
 
-def test_refusals_name_the_flags(dense_run, tmp_path):
+def test_refusals_name_the_flags(dense_run, tmp_path, capsys):
     root, _ = dense_run
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as refused:
         compress.main(["--checkpoint", str(root / "dense"), "--out", str(tmp_path / "x"), "--tt-ranks", "4",
                        "--max-error", "0.5", *QUIET])  # fmt: skip
+    assert refused.value.code == 2
+    assert "choose the ranks one way: --tt-ranks, --max-bytes or --max-error" in capsys.readouterr().err
     tt = tmp_path / "tt"
     compress.main(["--checkpoint", str(root / "dense"), "--out", str(tt), "--tt-ranks", "2", "--fine-tune-steps", "0",
                    *QUIET])  # fmt: skip
+    capsys.readouterr()
     with pytest.raises(SystemExit) as refused:
         compress.main(["--checkpoint", str(tt), "--out", str(tmp_path / "again"), *QUIET])
     assert refused.value.code == 2
+    assert "already 'tt'; compress a dense run" in capsys.readouterr().err
