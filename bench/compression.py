@@ -8,13 +8,16 @@ The same DLRM on the same preprocessed data for every method (one dataset at a t
   per row), scored as they are stored;
 * ``hashing``: the hashing trick at the bytes of each TT model (every table hashed into at most K rows,
   K chosen so the tables hold the same bytes), trained from scratch;
+* ``QR``: quotient-remainder compositional embeddings (Shi et al. 2020, element-wise product) at the bytes
+  of each TT model (the fewest collisions whose tables fit), trained from scratch; where even QR's smallest
+  form (``~2 sqrt(n)`` rows a table) is larger than the TT model, at that smallest form, marked ``min``;
 * ``TT rN`` (fp32 and int8 cores): TT tables trained from scratch at each rank of ``--tt-ranks``;
 * ``compress rN``: the dense model decomposed by ``pipelines.compress`` (TT-SVD + fine-tuning).
 
 Bytes are every stored embedding byte (TT cores, int8 scales, the tables left dense), as the export
 counts them; AUCs on the test split. Data: the synthetic generator at Kaggle's vocabulary sizes
 (``--rows``, hashed to ``--max-index``) and the real Kaggle rows of ``RECSYS_DATA_DIR`` (hashed to 10^6
-rows a table). Quotient-remainder embeddings are not among the methods yet.
+rows a table).
 
 Run::
 
@@ -37,13 +40,13 @@ from torch.distributed._shard.sharded_tensor import ShardedTensor
 
 from pipelines.cli_config import config_from_dict
 from pipelines.data.generate import generate_tsv
-from pipelines.data.preprocess import PreprocessConfig, Preprocessor
+from pipelines.data.preprocess import PreprocessConfig, Preprocessor, load_metadata
 from pipelines.export.writer import export_checkpoint, resolve_checkpoint
 from pipelines.report import format_table, human_bytes
 from pipelines.training.compress import CompressConfig, compress_run
 from pipelines.training.dlrm import TrainConfig, Trainer
 from pipelines.training.evaluate import evaluate
-from recsys.configs import TTConfig
+from recsys.configs import QRConfig, TTConfig
 from recsys.logs import setup_logging
 from recsys.serving.criteo import KAGGLE_VOCAB_SIZES, NUM_RESERVED_INDICES, kaggle_table_rows
 
@@ -120,6 +123,29 @@ def hashed_rows_for(budget: int, dim: int) -> int:
     return low
 
 
+def qr_config_for(budget: int, vocab_sizes: list[int], dim: int, threshold: int) -> tuple[QRConfig, bool]:
+    """The QR tables with the fewest collisions whose stored bytes fit ``budget``, and whether they fit at all.
+
+    The stored rows only fall as the collisions grow (a table's remainder never outgrows ``ceil(sqrt(n))``), so
+    bisect on the collisions; when even the smallest form is over the budget, that form, and ``False``.
+    """
+
+    def size(collisions: int) -> int:
+        qr = QRConfig(collisions=collisions, threshold=threshold)
+        return sum(qr.stored_rows(n) for n in vocab_sizes) * dim * 4
+
+    low, high = 2, max(vocab_sizes)
+    if size(high) > budget:
+        return QRConfig(collisions=high, threshold=threshold), False
+    while low < high:
+        middle = (low + high) // 2
+        if size(middle) <= budget:
+            high = middle
+        else:
+            low = middle + 1
+    return QRConfig(collisions=low, threshold=threshold), True
+
+
 def run_dataset(name: str, data: Path, base: TrainConfig, args: argparse.Namespace, root: Path, make_data) -> list:
     points: list[Point] = []
     work = root / name
@@ -150,6 +176,11 @@ def run_dataset(name: str, data: Path, base: TrainConfig, args: argparse.Namespa
                 hashed = make_data(cap)
                 trainer, auc = train(base, hashed, work / f"hash{rank}")
                 add(f"hashing @TT r{rank}", sum(trainer.table_bytes.values()), auc)
+            if dtype == "fp32" and args.qr:
+                vocab = list(load_metadata(data)["vocab_sizes"].values())
+                qr, fits = qr_config_for(size, vocab, base.model.embedding_dim, args.tt_threshold)
+                trainer, auc = train(replace(base, embeddings="qr", qr=qr), data, work / f"qr{rank}")
+                add(f"QR @TT r{rank}" + ("" if fits else " min"), sum(trainer.table_bytes.values()), auc)
     for rank in args.compress_ranks:
         out = work / f"compress{rank}"
         compress_run(work / "dense", out, CompressConfig(tt_ranks=rank, tt_threshold=args.tt_threshold), progress=False)
@@ -169,7 +200,7 @@ def plot(points: list[Point], path: Path) -> None:
     fig, axes = plt.subplots(1, len(datasets), figsize=(7 * len(datasets), 5), squeeze=False)
     for ax, dataset in zip(axes[0], datasets, strict=True):
         mine = [p for p in points if p.dataset == dataset]
-        for family in ("dense", "hashing", "TT", "compress"):
+        for family in ("dense", "hashing", "QR", "TT", "compress"):
             chosen = [p for p in mine if p.method.startswith(family)]
             if chosen:
                 ax.scatter([p.bytes for p in chosen], [p.test_auc for p in chosen], label=family)
@@ -197,6 +228,8 @@ def main(argv: list[str] | None = None) -> list[Point]:
     p.add_argument("--tt-threshold", type=int, default=10_000, help="tables above this many rows are TT")
     p.add_argument("--hashing", action=argparse.BooleanOptionalAction, default=True,
                    help="the hashing trick at each TT model's bytes")  # fmt: skip
+    p.add_argument("--qr", action=argparse.BooleanOptionalAction, default=True,
+                   help="quotient-remainder embeddings at each TT model's bytes (or their smallest form)")  # fmt: skip
     p.add_argument("--batch-size", type=int, default=1024, help="training batch size (synthetic data)")
     p.add_argument("--out", type=Path, default=None, help="where the results (JSON, PNG) go (default: a temp dir)")
     args = p.parse_args(argv)

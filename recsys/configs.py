@@ -7,6 +7,7 @@ without importing the training stack. ``recsys.dlrm`` and ``recsys.tt_collection
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, replace
 from typing import Literal, Protocol
 
@@ -155,3 +156,49 @@ class TTConfig:
             include_last_offset=True,
             device=device,
         )
+
+
+QR_OPERATIONS = ("mult", "add")
+
+
+@dataclass(frozen=True)
+class QRConfig:
+    """Quotient-remainder compositional embeddings (Shi et al., KDD 2020; DLRM's ``--qr-flag``).
+
+    Row ``i`` of a table of ``n`` rows is ``Q[i // c] op R[i % c]``: a quotient table of ``ceil(n / c)`` rows and a
+    remainder table of ``c`` rows, so every row stays unique (unlike the hashing trick) for
+    ``ceil(n / c) + c`` stored rows instead of ``n``.
+
+    Args:
+        collisions: ``c``, the rows that share a quotient row (DLRM's ``--qr-collisions``, default 4). A table
+            uses ``min(c, ceil(sqrt(n)))``: past ``sqrt(n)`` the remainder table outgrows the quotient table
+            and the table only grows, so a large ``c`` means "as small as QR gets" (``~2 sqrt(n)`` rows).
+        threshold: tables with more rows than this are composed; smaller ones stay plain rows.
+        operation: ``mult`` (the paper's best: element-wise product) or ``add``.
+    """
+
+    collisions: int = 4
+    threshold: int = 10_000
+    operation: Literal["mult", "add"] = "mult"
+
+    def __post_init__(self) -> None:
+        if self.collisions < 2:
+            raise ValueError(f"QR collisions must be >= 2 (1 is a plain table), got {self.collisions}")
+        if self.threshold < 0:
+            raise ValueError(f"QR threshold must be >= 0, got {self.threshold}")
+        if self.operation not in QR_OPERATIONS:
+            raise ValueError(f"QR operation must be one of {list(QR_OPERATIONS)}, got {self.operation!r}")
+
+    def is_composed(self, table: TableSpec) -> bool:
+        return table.num_embeddings > self.threshold
+
+    def collisions_for(self, num_embeddings: int) -> int:
+        """The remainder table's rows for a table of ``num_embeddings`` rows (never more than ``ceil(sqrt(n))``)."""
+        return max(2, min(self.collisions, math.isqrt(num_embeddings - 1) + 1))
+
+    def stored_rows(self, num_embeddings: int) -> int:
+        """Rows stored for a table of ``num_embeddings`` rows: quotient + remainder, or the table itself."""
+        if num_embeddings <= self.threshold:
+            return num_embeddings
+        c = self.collisions_for(num_embeddings)
+        return -(-num_embeddings // c) + c

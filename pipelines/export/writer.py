@@ -167,9 +167,18 @@ def load_checkpoint_tensors(checkpoint: Path, prefix: str = _MODEL_PREFIX) -> di
     return {key.removeprefix(prefix): value for key, value in state.items()}
 
 
+EXPORTED_EMBEDDINGS = ("dense", "tt")
+
+
 def model_section(config: dict) -> dict:
     """The manifest's ``model``: the run's ``DLRMConfig`` and ``TTConfig`` whole (``recsys.serving.build_model``)."""
     run = config_from_dict(TrainConfig, config, "the checkpoint's training config", strict=False)
+    if run.embeddings not in EXPORTED_EMBEDDINGS:
+        raise ValueError(
+            f"the run's tables are {run.embeddings!r}: an export (and the service) holds {list(EXPORTED_EMBEDDINGS)} "
+            "tables; quotient-remainder runs are a baseline of bench.compression (train --embeddings tt, or "
+            "python -m pipelines.compress a dense run)"
+        )
     return {"embeddings": run.embeddings, "dlrm": config_to_dict(run.model), "tt": config_to_dict(run.tt)}
 
 

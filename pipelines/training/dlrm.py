@@ -37,6 +37,7 @@ from pipelines.training.distributed import (
 from pipelines.training.engine import Engine, LoopConfig, write_report
 from pipelines.training.evaluate import evaluate
 from recsys.dlrm import DLRMConfig, build_dense_collection, build_dlrm, table_bytes, table_configs
+from recsys.qr_collection import QRConfig, QREmbeddingBagCollection
 from recsys.tt_collection import TTConfig, TTEmbeddingBagCollection, tt_parameter_names
 
 log = logging.getLogger("pipelines.train")
@@ -76,10 +77,17 @@ class TrainConfig:
     )
     shuffle_buffer: int = field(default=262_144, metadata=_help("rows shuffled together by the loader"))
     log_every: int = field(default=20, metadata=_help("record the training loss every N steps"))
-    embeddings: Literal["dense", "tt"] = field(
-        default="dense", metadata=_help("dense tables (fbgemm) or TT-compressed tables above --tt.threshold rows")
+    embeddings: Literal["dense", "tt", "qr"] = field(
+        default="dense",
+        metadata=_help(
+            "dense tables (fbgemm), TT-compressed tables above --tt.threshold rows, or quotient-remainder "
+            "tables above --qr.threshold rows (a baseline of bench.compression; not exported)"
+        ),
     )
     tt: TTConfig = field(default_factory=TTConfig, metadata=_help("the TT tables (with --embeddings tt)"))
+    qr: QRConfig = field(
+        default_factory=QRConfig, metadata=_help("the quotient-remainder tables (with --embeddings qr)")
+    )
     tt_cache_refresh: int = field(
         default=500, metadata=_help("refill the LFU caches from the row frequencies every N steps")
     )
@@ -190,6 +198,12 @@ class Trainer:
             self.tt_collection = collection
             self.table_report = collection.table_report()
             sparse_module = collection.dense
+        elif config.embeddings == "qr":
+            collection = QREmbeddingBagCollection(
+                table_configs(vocab_sizes, config.model.embedding_dim), config.qr, device=meta
+            )
+            self.table_report = collection.table_report()
+            sparse_module = collection.inner
         else:
             collection = build_dense_collection(vocab_sizes, config.model.embedding_dim, device=meta)
             self.table_report = {
@@ -220,6 +234,15 @@ class Trainer:
         init_embedding_tables(self.model, config.seed)  # the same tables for any number of processes
         if self.tt_collection is not None and self.info.world_size > 1:
             self.tt_collection.set_process_group(dist.group.WORLD)  # replicated TT tables, synced updates
+        if config.embeddings == "qr":
+            log.info(
+                "QR tables (%s): %s; embeddings %s instead of %s dense (%.0fx smaller)",
+                config.qr.operation,
+                ", ".join(f"{n} c={r['collisions']}" for n, r in self.table_report.items() if r["kind"] == "qr"),
+                human_bytes(sum(r["bytes"] for r in self.table_report.values())),
+                human_bytes(sum(r["dense_bytes"] for r in self.table_report.values())),
+                self._compression_ratio(),
+            )
         if self.tt_collection is not None:
             log.info(
                 "TT tables: %s; embeddings %s instead of %s dense (%.0fx smaller)",
@@ -392,7 +415,7 @@ class Trainer:
             [
                 name,
                 r["rows"],
-                r["kind"] + (f" {r['p_shapes']}x{r['q_shapes']} r{r['ranks']}" if r["kind"] == "tt" else ""),
+                r["kind"] + _table_shape(r),
                 human_bytes(r["bytes"]),
                 f"{r['dense_bytes'] / r['bytes']:.1f}x",
             ]
@@ -405,6 +428,15 @@ class Trainer:
             f"DLRM ({self.config.model.interaction} interaction) on {self.data_dir}",
             tables=[(["table", "rows", "kind", "bytes", "compression"], table_rows)],
         )
+
+
+def _table_shape(report: dict) -> str:
+    """The report table's words for how a table is stored beyond its kind: TT shapes and ranks, QR collisions."""
+    if report["kind"] == "tt":
+        return f" {report['p_shapes']}x{report['q_shapes']} r{report['ranks']}"
+    if report["kind"] == "qr":
+        return f" {report['quotient_rows']}+{report['collisions']} rows ({report['operation']})"
+    return ""
 
 
 def build_parser() -> argparse.ArgumentParser:
