@@ -60,12 +60,16 @@ def _train(data: Path, out: Path, procs: int, *extra: str, background: bool = Fa
 
 # Observed (3 runs each, the same figures every time): dense: loss gap 5.96e-08 (one float32 ulp at 0.5),
 # val AUC gap 0, log loss gap 3.6e-10; tt: loss gap 3.14e-04, val AUC gap 2.3e-05, log loss gap 2.6e-06
-# (1e-7 until the TT cache refresh of step 30, whose write-back fit amplifies it). Limits ~5x those; one
+# (1e-7 until the TT cache refresh of step 30, whose write-back fit amplifies it); qr: loss gap 5.96e-08, val
+# AUC gap 0, log loss gap 1.6e-09 (both halves are fbgemm tables, as dense). Limits ~5x those; one
 # positive/negative pair swapped moves the AUC of the ~3,000 validation rows by about 5e-7.
 GAP_LIMITS = {
     "dense": {"loss": 5e-7, "auc": 2e-6, "logloss": 3e-9},
     "tt": {"loss": 1.5e-3, "auc": 1e-4, "logloss": 1.5e-5},
+    "qr": {"loss": 5e-7, "auc": 2e-6, "logloss": 3e-9},
 }
+QR_FLAGS = ["--embeddings", "qr", "--qr.threshold", "500", "--qr.collisions", "8"]
+MODE_FLAGS = {"dense": [], "tt": TT_FLAGS, "qr": QR_FLAGS}
 
 
 def _assert_trained_alike(one: dict, two: dict, steps: int, limits: dict, what: str) -> None:
@@ -84,11 +88,11 @@ def _assert_trained_alike(one: dict, two: dict, steps: int, limits: dict, what: 
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("embeddings", ["dense", "tt"])
+@pytest.mark.parametrize("embeddings", ["dense", "tt", "qr"])
 def test_two_processes_train_as_one(data, tmp_path, embeddings):
     """Same global batches, same initial tables, TT replicas synced, every table on its fused optimizer:
     the same loss curve and validation metrics (float summation order apart)."""
-    extra = ["--max-steps", "50", "--checkpoint-every", "0", *(TT_FLAGS if embeddings == "tt" else [])]
+    extra = ["--max-steps", "50", "--checkpoint-every", "0", *MODE_FLAGS[embeddings]]
     one = _train(data, tmp_path / "one", 1, *extra)
     two = _train(data, tmp_path / "two", 2, *extra)
     _assert_trained_alike(one, two, 50, GAP_LIMITS[embeddings], embeddings)
