@@ -14,6 +14,8 @@ _HOMES = {
     "FullSoftmaxOutput": "recsys.lsh_output",
     "LSHConfig": "recsys.lsh_output",
     "LSHOutputLayer": "recsys.lsh_output",
+    "QRConfig": "recsys.configs",
+    "QREmbeddingBagCollection": "recsys.qr_collection",
     "TTConfig": "recsys.configs",
     "TTEmbeddingBagCollection": "recsys.tt_collection",
     "OptimType": "recsys.tt_embedding",
@@ -26,6 +28,8 @@ __all__ = [
     "LSHConfig",
     "LSHOutputLayer",
     "OptimType",
+    "QRConfig",
+    "QREmbeddingBagCollection",
     "TTConfig",
     "TTEmbeddingBag",
     "TTEmbeddingBagCollection",
@@ -33,8 +37,9 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from recsys.configs import TTConfig
+    from recsys.configs import QRConfig, TTConfig
     from recsys.lsh_output import FullSoftmaxOutput, LSHConfig, LSHOutputLayer
+    from recsys.qr_collection import QREmbeddingBagCollection
     from recsys.tt_collection import TTEmbeddingBagCollection
     from recsys.tt_embedding import OptimType, TableBatchedTTEmbeddingBag, TTEmbeddingBag
 
