@@ -58,24 +58,34 @@ def _train(data: Path, out: Path, procs: int, *extra: str, background: bool = Fa
     return json.loads((out / "metrics.json").read_text())
 
 
-# Observed (3 runs each, the same figures every time): dense: loss gap 5.96e-08 (one float32 ulp at 0.5),
-# val AUC gap 0, log loss gap 3.6e-10; tt: loss gap 3.14e-04, val AUC gap 2.3e-05, log loss gap 2.6e-06
-# (1e-7 until the TT cache refresh of step 30, whose write-back fit amplifies it); qr: loss gap 5.96e-08, val
-# AUC gap 0, log loss gap 1.6e-09 (both halves are fbgemm tables, as dense). Limits ~5x those; one
-# positive/negative pair swapped moves the AUC of the ~3,000 validation rows by about 5e-7.
+# Observed: dense: loss gap 5.96e-08 (one float32 ulp at 0.5), val AUC gap 0, log loss gap 3.6e-10; qr: loss
+# gap 5.96e-08, val AUC gap 0, log loss gap 1.6e-09 (both halves are fbgemm tables, as dense). tt: one ulp (6e-8)
+# at every step until the cache refreshes write cached rows back into the cores (fills at steps 10, 20, 30, 40
+# under TT_FLAGS); that write-back is an iterative fit which amplifies the ulps, and how far depends on the
+# CPU: on one machine loss gap 3.1e-04 / AUC gap 2.3e-05 / log loss gap 2.6e-06 (3 runs), on the CI machine
+# 1.14e-03 / 1.63e-04 / 7.1e-07 (the same every run). So TT is held to the dense limit before its first
+# write-back (a replica out of sync, or a rank reading other batches, shows there from step 1) and to ~4x the
+# worst observed gap over the whole run. One positive/negative pair swapped moves the AUC of the ~3,000
+# validation rows by about 5e-7.
 GAP_LIMITS = {
     "dense": {"loss": 5e-7, "auc": 2e-6, "logloss": 3e-9},
-    "tt": {"loss": 1.5e-3, "auc": 1e-4, "logloss": 1.5e-5},
+    "tt": {"loss": 5e-3, "auc": 7e-4, "logloss": 1e-5},
     "qr": {"loss": 5e-7, "auc": 2e-6, "logloss": 3e-9},
 }
+TT_STEPS_BEFORE_WRITE_BACK = 20  # the first fill (step 10) only reads rows into the cache; the second writes back
 QR_FLAGS = ["--embeddings", "qr", "--qr.threshold", "500", "--qr.collisions", "8"]
 MODE_FLAGS = {"dense": [], "tt": TT_FLAGS, "qr": QR_FLAGS}
 
 
-def _assert_trained_alike(one: dict, two: dict, steps: int, limits: dict, what: str) -> None:
+def _assert_trained_alike(one: dict, two: dict, steps: int, limits: dict, what: str, exact_steps: int = 0) -> None:
+    """The gaps of the whole run within ``limits``; the first ``exact_steps`` losses within the dense limit."""
     curve_one = [p["loss"] for p in one["history"]["train"]]
     curve_two = [p["loss"] for p in two["history"]["train"]]
     assert len(curve_one) == len(curve_two) == steps
+    early = max(
+        (abs(a - b) for a, b in zip(curve_one[:exact_steps], curve_two[:exact_steps], strict=True)), default=0.0
+    )
+    assert early <= GAP_LIMITS["dense"]["loss"], ("loss gap in the first", exact_steps, "steps", early)
     gaps = {
         "loss": max(abs(a - b) for a, b in zip(curve_one, curve_two, strict=True)),
         "auc": abs(one["val_auc"] - two["val_auc"]),
@@ -95,7 +105,8 @@ def test_two_processes_train_as_one(data, tmp_path, embeddings):
     extra = ["--max-steps", "50", "--checkpoint-every", "0", *MODE_FLAGS[embeddings]]
     one = _train(data, tmp_path / "one", 1, *extra)
     two = _train(data, tmp_path / "two", 2, *extra)
-    _assert_trained_alike(one, two, 50, GAP_LIMITS[embeddings], embeddings)
+    exact = TT_STEPS_BEFORE_WRITE_BACK if embeddings == "tt" else 50
+    _assert_trained_alike(one, two, 50, GAP_LIMITS[embeddings], embeddings, exact_steps=exact)
 
 
 @pytest.fixture(scope="module")
