@@ -2,7 +2,8 @@
 
 Why: the click may depend on what the user did before (a history of item ids), which a
 DLRM over per-row features cannot see. Here the history is embedded (dense or TT item
-table plus a category table), encoded by one pre-norm transformer block whose attention is
+table plus a category table), encoded by one pre-norm transformer block (the next-item transformer's
+``recsys.sequence_transformer.TransformerBlock``) whose attention is
 any of ``recsys.attention`` (dense or an LSH approximation for long histories), pooled to
 one ``(B, D)`` vector, and joined to DLRM's pairwise interaction as one more sparse feature.
 
@@ -29,6 +30,7 @@ from torch import nn
 from torchrec.models.dlrm import DenseArch, InteractionArch, OverArch
 
 from recsys.attention import Attention
+from recsys.sequence_transformer import TransformerBlock
 from recsys.tt_embedding import TTEmbeddingBag
 
 
@@ -113,35 +115,6 @@ class ItemEmbedding(nn.Module):
         return rows.view(*ids.shape, -1)  # (..., D)
 
 
-class HistoryBlock(nn.Module):
-    """One pre-norm transformer block over ``(B, L, D)`` tokens with a pluggable attention.
-
-    Args:
-        dim: ``D``; heads: ``H`` (head width ``D / H``); attention: any ``recsys.attention`` module.
-
-    Example::
-
-        block = HistoryBlock(16, 2, recsys.attention.build("dense"))
-        out = block(torch.randn(4, 64, 16), torch.ones(4, 64, dtype=torch.bool))  # (4, 64, 16)
-    """
-
-    def __init__(self, dim: int, heads: int, attention: Attention, ffn_mult: int = 2) -> None:
-        super().__init__()
-        self.heads, self.attention = heads, attention
-        self.norm_attn, self.norm_ffn = nn.LayerNorm(dim), nn.LayerNorm(dim)
-        self.qkv = nn.Linear(dim, 3 * dim)
-        self.proj = nn.Linear(dim, dim)
-        self.ffn = nn.Sequential(nn.Linear(dim, ffn_mult * dim), nn.GELU(), nn.Linear(ffn_mult * dim, dim))
-
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        B, L, D = x.shape
-        qkv = self.qkv(self.norm_attn(x)).view(B, L, 3, self.heads, D // self.heads)  # (B, L, 3, H, D/H)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, H, L, D/H)
-        attended = self.attention(q, k, v, mask)  # (B, H, L, D/H)
-        x = x + self.proj(attended.transpose(1, 2).reshape(B, L, D))  # (B, L, D)
-        return x + self.ffn(self.norm_ffn(x))
-
-
 class SequenceDLRM(nn.Module):
     """DLRM over dense + categorical features + candidate item, plus an encoded history feature.
 
@@ -174,7 +147,7 @@ class SequenceDLRM(nn.Module):
         if config.use_history:
             length = config.max_history + int(config.target_attention)
             self.positions = nn.Parameter(torch.randn(length, D) * 0.02)
-            self.history_block = HistoryBlock(D, config.heads, attention)
+            self.history_block = TransformerBlock(D, config.heads, attention)
             self.history_norm = nn.LayerNorm(D)
         self.dense_arch = DenseArch(config.dense_in_features, list(config.dense_arch))
         self.interaction = InteractionArch(num_sparse_features=num_features)

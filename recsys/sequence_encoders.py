@@ -1,7 +1,9 @@
 """The encoders of the output-layer models: a user's history or a document's features -> a hidden vector.
 
 They are models (trained by ``pipelines.train_next_item`` / ``pipelines.train_xmc``, served by
-:mod:`recsys.serving` for retrieval), so they live here and not with the training commands.
+:mod:`recsys.serving` for retrieval), so they live here and not with the training commands. The
+next-item command's other encoder, the causal transformer, is :mod:`recsys.sequence_transformer`;
+:func:`build_history_encoder` builds either from one set of options, for training and serving alike.
 """
 
 from __future__ import annotations
@@ -11,6 +13,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from recsys.lsh_output import FullSoftmaxOutput, LSHOutputLayer
+from recsys.sequence_transformer import SequenceTransformer, SequenceTransformerConfig
+
+HISTORY_ENCODERS = ("mean", "transformer")
 
 
 class HistoryEncoder(nn.Module):
@@ -33,6 +38,24 @@ class HistoryEncoder(nn.Module):
         x = self.dropout(self.items(ids) + self.positions.weight)  # (B, T, d)
         mean = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)  # (B, d)
         return self.mlp(torch.cat([mean, x[:, -1]], dim=-1))  # (B, hidden)
+
+
+def build_history_encoder(
+    kind: str,
+    num_items: int,
+    max_len: int,
+    item_dim: int,
+    hidden: int,
+    dropout: float,
+    transformer: SequenceTransformerConfig,
+) -> HistoryEncoder | SequenceTransformer:
+    """The history encoder ``kind`` names: ``mean`` (:class:`HistoryEncoder`, ``item_dim`` wide embeddings) or
+    ``transformer`` (:class:`SequenceTransformer` of width ``hidden``, ``transformer`` its architecture)."""
+    if kind == "mean":
+        return HistoryEncoder(num_items, max_len, item_dim, hidden, dropout)
+    if kind == "transformer":
+        return SequenceTransformer(num_items, max_len, hidden, dropout, transformer)
+    raise ValueError(f"encoder must be one of {HISTORY_ENCODERS}, got {kind!r}")
 
 
 class SparseFeatureEncoder(nn.Module):
