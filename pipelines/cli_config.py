@@ -268,7 +268,9 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type) -> None:
     aliases: Mapping[str, Alias] = getattr(cls, "FLAT_ALIASES", {})
     if aliases:
         legacy = parser.add_argument_group(
-            "flags of earlier versions", "still accepted (and in --config files); each sets the field it names"
+            "flat flags",
+            "short forms of nested fields and the flags of earlier versions, accepted on the command line and in "
+            "--config files; each sets the field it names",
         )
         targets = leaf_paths(cls)
         for name, alias in aliases.items():

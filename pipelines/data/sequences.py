@@ -10,6 +10,7 @@ Example::
     log = read_sequences("amazon_beauty.txt")
     splits = next_item_splits(log, max_len=50)
     histories, targets = splits["train"]       # (E, 50) int64 with -1 padding, (E,)
+    inputs, targets = next_item_sequences(log, max_len=50)  # (S, 50) each: every position predicts the next
 """
 
 from __future__ import annotations
@@ -85,3 +86,28 @@ def next_item_splits(log: SequenceLog, max_len: int = 50) -> dict[str, tuple[tor
         target_pos = mask.nonzero().squeeze(1)
         out[name] = (_histories(log, target_pos, user_of[target_pos], max_len), log.items[target_pos])
     return out
+
+
+def next_item_sequences(log: SequenceLog, max_len: int = 50) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train split as sequences for all-position training (SASRec): ``(inputs (S, max_len), targets (S, max_len))``.
+
+    Slot ``t`` of a row holds an input item and the item that followed it (its target); both ``-1`` where
+    there is none, left-padded. The targets are exactly those of ``next_item_splits(log)["train"]``, each
+    once: a user's train items (all but the last two, which are the validation and test targets; all of
+    a user with fewer than 3) in windows of ``max_len`` targets from the most recent back, so a long
+    history gives several rows and no validation or test target is ever an input or a target here.
+    """
+    lengths = log.offsets.diff()
+    train_len = torch.where(lengths >= 3, lengths - 2, lengths)  # (U,) items of each user's train part
+    targets_of = (train_len - 1).clamp(min=0)  # targets: train positions 1 .. train_len - 1
+    windows = -(-targets_of // max_len)  # (U,) rows per user
+    user = torch.repeat_interleave(torch.arange(log.num_users), windows)  # (S,)
+    first_row = torch.cumsum(windows, 0) - windows  # (U,)
+    back = torch.arange(user.numel()) - first_row[user]  # 0 = the most recent window
+    end = train_len[user] - back * max_len  # (S,) one past the window's last target position
+    pos = end[:, None] - max_len + torch.arange(max_len)[None, :]  # (S, max_len) target position in the user's items
+    valid = pos >= 1
+    start = log.offsets[user][:, None]
+    targets = torch.where(valid, log.items[(start + pos).clamp(min=0)], torch.full_like(pos, -1))
+    inputs = torch.where(valid, log.items[(start + pos - 1).clamp(min=0)], torch.full_like(pos, -1))
+    return inputs, targets

@@ -4,6 +4,13 @@ Example::
 
     python -m pipelines.train_next_item --data ../shared/data/sequences/amazon_beauty.txt \\
         --out runs/beauty_lsh --output-layer lsh
+    python -m pipelines.train_next_item --data ... --out runs/beauty_reformer --attention reformer
+
+Two encoders (``--encoder``): the causal transformer of :mod:`recsys.sequence_transformer` (the
+default), trained as SASRec is: every position of a user's train items predicts the item after it,
+the output layer's loss over all of them (``pipelines.data.sequences.next_item_sequences``); or the
+position-aware mean of :class:`recsys.sequence_encoders.HistoryEncoder`, trained on one
+(history, next item) example per position (``next_item_splits``' train split: the same targets).
 
 Each user's last item is the test target and the one before the validation target (per-epoch
 curve); Recall@10 and nDCG@10 of the exact top-10 over the whole catalog go to ``metrics.json``
@@ -15,13 +22,16 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar, Literal
 
 import torch
+from torch import nn
 
-from pipelines.cli_config import command_parser, start_command
-from pipelines.data.sequences import next_item_splits, read_sequences
+from pipelines.cli_config import Alias, command_parser, start_command
+from pipelines.data.sequences import SequenceLog, next_item_sequences, next_item_splits, read_sequences
 from pipelines.training.output_layer import (
     OutputLayerConfig,
     OutputLayerTask,
@@ -30,7 +40,8 @@ from pipelines.training.output_layer import (
     ranking_metrics,
     train_output_layer,
 )
-from recsys.sequence_encoders import EncoderWithOutput, HistoryEncoder
+from recsys.sequence_encoders import EncoderWithOutput, build_history_encoder
+from recsys.sequence_transformer import SequenceTransformerConfig
 
 log = logging.getLogger("pipelines.train_next_item")
 K = 10
@@ -40,10 +51,74 @@ K = 10
 class NextItemConfig(OutputLayerConfig):
     """The output layer and loop, plus the history encoder."""
 
+    encoder: Literal["mean", "transformer"] = field(
+        default="transformer",
+        metadata={
+            "help": "history encoder: a causal transformer trained on every position (SASRec), or the "
+            "position-aware mean + MLP trained on one example per position"
+        },
+    )
+    transformer: SequenceTransformerConfig = field(
+        default_factory=SequenceTransformerConfig,
+        metadata={"help": "the transformer encoder (--encoder transformer); its width is --hidden"},
+    )
     max_len: int = field(default=50, metadata={"help": "history length (most recent items)"})
-    item_dim: int = field(default=64, metadata={"help": "width of the input item embeddings"})
-    dropout: float = field(default=0.2, metadata={"help": "dropout on the history embeddings"})
-    epochs: int = field(default=8, metadata={"help": "passes over the train split"})
+    item_dim: int = field(default=64, metadata={"help": "width of the input item embeddings (--encoder mean)"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout on the history embeddings (and in the blocks)"})
+    epochs: int = field(default=10, metadata={"help": "passes over the train split"})
+    batch_size: int = field(
+        default=128, metadata={"help": "training batch size: sequences (--encoder transformer) or examples (mean)"}
+    )
+    hidden: int = field(
+        default=64, metadata={"help": "width of the hidden vector fed to the output layer (the transformer's width)"}
+    )
+
+    FLAT_ALIASES: ClassVar[dict[str, Alias]] = {
+        **OutputLayerConfig.FLAT_ALIASES,
+        "attention": Alias("transformer.attention"),
+        "layers": Alias("transformer.layers"),
+        "heads": Alias("transformer.heads"),
+        "share_layers": Alias("transformer.share_layers"),
+        "item_factor_dim": Alias("transformer.item_factor_dim"),
+    }
+    """Short forms of the transformer's fields, and the flat fields of earlier versions."""
+
+    def build_encoder(self, num_items: int) -> nn.Module:
+        """The history encoder of this config over ``num_items`` classes."""
+        return build_history_encoder(
+            self.encoder, num_items, self.max_len, self.item_dim, self.hidden, self.dropout, self.transformer
+        )
+
+
+Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
+
+
+def example_batches(config: NextItemConfig, log_data: SequenceLog, train: tuple, device: torch.device):
+    """``(batches(epoch), steps per epoch, train targets)`` of the encoder's training.
+
+    ``transformer``: rows of ``next_item_sequences`` (``batch_size`` of them a step), inputs
+    ``(history, positions)`` and the targets at those positions; ``mean``: ``batch_size``
+    (history, target) examples of ``train``, ``next_item_splits``' train split.
+    """
+    if config.encoder == "transformer":
+        inputs, targets = next_item_sequences(log_data, config.max_len)
+        rows, count = inputs.shape[0], int((targets >= 0).sum())
+    else:
+        inputs, targets = train
+        rows = count = targets.numel()
+
+    def batches(epoch: int) -> Iterator[Batch]:
+        perm = torch.randperm(rows, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
+        for start in range(0, rows, config.batch_size):
+            idx = perm[start : start + config.batch_size]
+            history, target = inputs[idx].to(device), targets[idx].to(device)
+            if config.encoder == "transformer":
+                positions = target >= 0  # (b, T): the positions with a next item
+                yield (history, positions), target[positions]
+            else:
+                yield (history,), target
+
+    return batches, -(-rows // config.batch_size), count
 
 
 @torch.no_grad()
@@ -70,37 +145,37 @@ def run(config: NextItemConfig, data_path: Path, out_dir: Path, progress: bool =
     device = config.torch_device()
     log_data = read_sequences(data_path)
     splits = next_item_splits(log_data, config.max_len)
-    train_hist, train_tgt = splits["train"]
+    batches, steps_per_epoch, n_train = example_batches(config, log_data, splits["train"], device)
     n_val, n_test = splits["validation"][1].numel(), splits["test"][1].numel()
-    log.info("%d users, %d items; %d train examples, %d validation, %d test users",
-             log_data.num_users, log_data.num_items, train_tgt.numel(), n_val, n_test)  # fmt: skip
+    log.info("%d users, %d items; %d train targets, %d validation, %d test users",
+             log_data.num_users, log_data.num_items, n_train, n_val, n_test)  # fmt: skip
     config = config.for_catalogue(log_data.num_items)
-    encoder = HistoryEncoder(log_data.num_items, config.max_len, config.item_dim, config.hidden, config.dropout)
+    encoder = config.build_encoder(log_data.num_items)
     model = EncoderWithOutput(encoder, build_output_layer(config, log_data.num_items)).to(device)
-
-    def batches(epoch: int):
-        perm = torch.randperm(train_tgt.numel(), generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
-        for start in range(0, perm.numel(), config.batch_size):
-            idx = perm[start : start + config.batch_size]
-            yield (train_hist[idx].to(device),), train_tgt[idx].to(device)
+    log.info("encoder: %s, %d parameters", config.encoder, sum(p.numel() for p in encoder.parameters()))
 
     def validate() -> dict:
         return evaluate_next_item(model, *splits["validation"], config.eval_batch_size, retrieval=False)
 
-    steps_per_epoch = -(-train_tgt.numel() // config.batch_size)
     task = OutputLayerTask(model, config, batches, steps_per_epoch, validate)
     engine = train_output_layer(task, config, out_dir, progress)
     test_metrics = evaluate_next_item(model, *splits["test"], config.eval_batch_size, config.output_layer == "lsh")
     validation = evaluate_next_item(model, *splits["validation"], config.eval_batch_size, retrieval=False)
-    extra = {"data": str(data_path), "val_recall@10": validation["recall@10"], "val_ndcg@10": validation["ndcg@10"]}
-    return finish_run(engine, config, test_metrics, out_dir, extra, ["recall@10", "ndcg@10"],
-                      f"next item, {config.output_layer} output layer, {data_path.name}")  # fmt: skip
+    extra = {
+        "data": str(data_path),
+        "val_recall@10": validation["recall@10"],
+        "val_ndcg@10": validation["ndcg@10"],
+        "encoder_parameters": sum(p.numel() for p in encoder.parameters()),
+    }
+    title = f"next item, {config.encoder} encoder, {config.output_layer} output layer, {data_path.name}"
+    return finish_run(engine, config, test_metrics, out_dir, extra, ["recall@10", "ndcg@10"], title)
 
 
 def build_parser() -> argparse.ArgumentParser:
     return command_parser(
         "python -m pipelines.train_next_item",
-        "Train a history encoder with an LSH (MONGOOSE/SLIDE) or full-softmax output layer over the item catalog; "
+        "Train a history encoder (causal transformer or position-aware mean) with an LSH (MONGOOSE/SLIDE) or "
+        "full-softmax output layer over the item catalog; "
         "Recall@10 / nDCG@10 on each user's last item; metrics.json, curves.png, checkpoint in --out.",
         NextItemConfig,
         inputs={"--data": dict(type=Path, required=True, help="sequence log: 'user_id item item ...' per line")},

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipelines.data.sequences import next_item_splits, read_sequences
+from pipelines.data.sequences import next_item_sequences, next_item_splits, read_sequences
 from pipelines.data.xmc_data import read_xmc
 from pipelines.training.checkpoint import load_checkpoint
 from pipelines.training.output_layer import ranking_metrics
@@ -89,6 +89,32 @@ def test_next_item_splits_hold_out_the_last_two_items(tmp_path):
     assert tgt.tolist() == [1, 5] and hist.tolist() == [[-1, -1, 0], [-1, -1, 4]]
 
 
+def test_next_item_sequences_hold_every_train_target_once_and_no_held_out_item(tmp_path):
+    path = tmp_path / "s.txt"
+    path.write_text("1 1 2 3 4\n2 5 6\n3 7 8 9\n4 1 2 3 4 5 6 7 8 9 10\n")
+    inputs, targets = next_item_sequences(read_sequences(path), max_len=3)
+    # user 1: train items 0, 1 (2 and 3 held out); user 2 (2 items): all train; user 3: no train target;
+    # user 4: train items 0..7 in windows of 3 targets from the most recent back
+    assert inputs.tolist() == [[-1, -1, 0], [-1, -1, 4], [4, 5, 6], [1, 2, 3], [-1, -1, 0]]
+    assert targets.tolist() == [[-1, -1, 1], [-1, -1, 5], [5, 6, 7], [2, 3, 4], [-1, -1, 1]]
+
+
+def test_next_item_sequences_targets_are_the_train_split_and_inputs_the_items_before(tmp_path):
+    g = torch.Generator().manual_seed(4)
+    lines = [f"{u} " + " ".join(str(v) for v in torch.randint(1, 30, (int(torch.randint(1, 40, (1,), generator=g)),),
+                                                               generator=g).tolist()) for u in range(60)]  # fmt: skip
+    (tmp_path / "s.txt").write_text("\n".join(lines) + "\n")
+    log = read_sequences(tmp_path / "s.txt")
+    inputs, targets = next_item_sequences(log, max_len=7)
+    splits = next_item_splits(log, max_len=7)
+    assert sorted(targets[targets >= 0].tolist()) == sorted(splits["train"][1].tolist())
+    assert ((inputs >= 0) == (targets >= 0)).all()
+    # a row's real slots are consecutive items of one user: the input of slot t + 1 is the target of slot t
+    both = (targets[:, :-1] >= 0) & (inputs[:, 1:] >= 0)
+    assert (targets[:, :-1][both] == inputs[:, 1:][both]).all()
+    assert not (targets[:, :-1] >= 0)[inputs[:, 1:] < 0].any()  # left-padded: no hole inside a row
+
+
 def test_ranking_metrics_by_hand():
     top = torch.tensor([[3, 1, 2], [0, 4, 5]])
     values, rows = torch.tensor([1, 2, 9, 7]), torch.tensor([0, 0, 0, 1])
@@ -155,7 +181,7 @@ def test_train_next_item_writes_the_metrics_of_its_checkpointed_model(tmp_path):
     out = tmp_path / "run"
     main(["--data", str(tmp_path / "s.txt"), "--out", str(out), "--output-layer", "lsh", "--epochs", "1",
           "--batch-size", "64", "--lsh.sample-size", "32", "--lsh.num-bits", "3", "--lsh.num-tables", "2",
-          "--hidden", "8", "--item-dim", "8", "--max-len", "5", "--no-progress"])  # fmt: skip
+          "--hidden", "8", "--item-dim", "8", "--max-len", "5", "--no-progress", "--encoder", "mean"])  # fmt: skip
     metrics = json.loads((out / "metrics.json").read_text())
     num_items = max(max(items) for items in sequences)  # file ids are 1-based: classes 0 .. max - 1
     f32, i64 = torch.float32, torch.int64
@@ -181,3 +207,42 @@ def test_train_next_item_writes_the_metrics_of_its_checkpointed_model(tmp_path):
         # sums of hit counts / discounts: observed differences <= 3e-17
         assert metrics[f"{prefix}recall@10"] == pytest.approx(recall, abs=1e-15), prefix
         assert metrics[f"{prefix}ndcg@10"] == pytest.approx(ndcg, abs=1e-15), prefix
+
+
+def test_train_next_item_transformer_writes_the_metrics_of_its_checkpointed_model(tmp_path):
+    """--encoder transformer: the run trains on every position and its Recall@10 / nDCG@10 are those of the
+    checkpointed transformer's last position (rebuilt here from the checkpoint) ranked over the catalogue."""
+    from pipelines.training.next_item import main
+    from recsys.sequence_transformer import SequenceTransformer, SequenceTransformerConfig
+
+    g = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(1, 60, (int(torch.randint(4, 12, (1,), generator=g)),), generator=g).tolist()
+                 for _ in range(80)]  # fmt: skip
+    lines = [f"{u} " + " ".join(str(v) for v in items) for u, items in enumerate(sequences)]
+    (tmp_path / "s.txt").write_text("\n".join(lines) + "\n")
+    out = tmp_path / "run"
+    main(["--data", str(tmp_path / "s.txt"), "--out", str(out), "--output-layer", "full", "--epochs", "2",
+          "--batch-size", "16", "--hidden", "8", "--max-len", "6", "--heads", "2", "--layers", "2", "--share-layers",
+          "--item-factor-dim", "4", "--attention", "reformer", "--no-progress"])  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["config"]["transformer"] | {"ffn_mult": 2} == {
+        "layers": 2, "heads": 2, "attention": "reformer", "bucket_size": 32, "n_hashes": 2, "share_layers": True,
+        "item_factor_dim": 4, "ffn_mult": 2}  # fmt: skip
+    rows = sum(-(-(len(items) - 3) // 6) for items in sequences)  # windows of 6 of each user's train targets
+    assert rows > 80 and metrics["steps"] == 2 * -(-rows // 16)  # some users give two rows; 16 rows a batch
+    num_items = max(max(items) for items in sequences)
+    encoder = SequenceTransformer(num_items, 6, 8, 0.0, SequenceTransformerConfig(**metrics["config"]["transformer"]))
+    shapes = {f"encoder.{k}": (tuple(v.shape), v.dtype) for k, v in encoder.state_dict().items()}
+    t = _checkpoint_tensors(out, shapes | {"output.weight": ((num_items, 8), torch.float32)})
+    assert not any(k.startswith("encoder.blocks.1.") for k in t)  # one shared block
+    encoder.load_state_dict({k.removeprefix("encoder."): v.float() for k, v in t.items() if k.startswith("encoder.")})
+    history = torch.full((len(sequences), 6), -1)
+    for row, items in enumerate(sequences):  # the test history: the (up to 6) items before the last
+        before = torch.tensor(items[:-1][-6:]) - 1
+        history[row, -before.numel() :] = before
+    with torch.no_grad():
+        hidden = encoder.eval()(history).double()  # history <= 6 items: one chunk, reformer is exact here
+    top = _top_ids_by_hand(hidden, t["output.weight"], 10)
+    recall, ndcg = _precision_and_ndcg(top, [[items[-1] - 1] for items in sequences], 10)
+    assert metrics["recall@10"] == pytest.approx(10 * recall, abs=1e-12)
+    assert metrics["ndcg@10"] == pytest.approx(ndcg, abs=1e-12)
