@@ -38,6 +38,7 @@ import json
 import logging
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -60,10 +61,12 @@ from recsys.serving import (
     FEATURES_FILE,
     FORMAT,
     FORMAT_VERSION,
+    HISTORY_ENCODER_KIND,
     MODEL_FILE,
     RETRIEVAL_FILE,
     RETRIEVAL_LAYER_KEYS,
     SCALE_SUFFIX,
+    SEQUENCE_TRANSFORMER_KIND,
     FeatureEncoder,
     build_model,
     finite_or_none,
@@ -76,6 +79,9 @@ from recsys.serving import (
     write_export,
 )
 from recsys.serving.dlrm import InferenceDLRM
+
+if TYPE_CHECKING:
+    from pipelines.training.next_item import NextItemConfig
 
 log = logging.getLogger("pipelines.export")
 
@@ -237,6 +243,17 @@ def compression_section(tables: dict, tensors: dict[str, torch.Tensor]) -> dict:
     }
 
 
+def encoder_section(config: NextItemConfig, num_items: int) -> dict:
+    """The retrieval section's ``encoder``: its kind and what ``recsys.serving.runtime`` rebuilds it from.
+
+    The mean encoder's keeps the layout of the first exports; the transformer's adds its architecture whole.
+    """
+    section = {"num_items": num_items, "max_len": config.max_len, "hidden": config.hidden}
+    if config.encoder == "mean":
+        return {"kind": HISTORY_ENCODER_KIND, **section, "item_dim": config.item_dim}
+    return {"kind": SEQUENCE_TRANSFORMER_KIND, **section, "transformer": dataclasses.asdict(config.transformer)}
+
+
 def retrieval_export(run: Path, item_column: str, sparse_columns: list[str]) -> tuple[dict, dict[str, torch.Tensor]]:
     """The manifest's ``retrieval`` section and the tensors of ``retrieval.safetensors`` of a next-item run.
 
@@ -266,13 +283,7 @@ def retrieval_export(run: Path, item_column: str, sparse_columns: list[str]) -> 
     trainer_state = json.loads((checkpoint / TRAINER_STATE_FILE).read_text())
     section = {
         "source": {"checkpoint": str(checkpoint), "step": trainer_state.get("step"), "data": metrics.get("data")},
-        "encoder": {
-            "kind": "recsys.sequence_encoders.HistoryEncoder",
-            "num_items": num_items,
-            "max_len": config.max_len,
-            "item_dim": config.item_dim,
-            "hidden": config.hidden,
-        },
+        "encoder": encoder_section(config, num_items),
         "lsh": dataclasses.asdict(config.lsh),
         "catalogue": {"items": num_items, "item_ids": "the sequence log's item ids: class c is item c + 1"},
         "rerank": {

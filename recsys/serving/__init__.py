@@ -35,7 +35,9 @@ from recsys.serving.format import (
 )
 from recsys.serving.runtime import (
     CATALOGUE_KEY,
+    HISTORY_ENCODER_KIND,
     RETRIEVAL_LAYER_KEYS,
+    SEQUENCE_TRANSFORMER_KIND,
     ExportedModel,
     Retrieval,
     build_model,
@@ -52,6 +54,7 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "HEX_PATTERN",
+    "HISTORY_ENCODER_KIND",
     "MANIFEST_DIGEST_FILE",
     "MANIFEST_FILE",
     "MAX_DENSE_ABS",
@@ -60,6 +63,7 @@ __all__ = [
     "RETRIEVAL_FILE",
     "RETRIEVAL_LAYER_KEYS",
     "SCALE_SUFFIX",
+    "SEQUENCE_TRANSFORMER_KIND",
     "ExportFormatError",
     "ExportedModel",
     "FeatureEncoder",

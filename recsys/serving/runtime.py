@@ -27,6 +27,7 @@ from torch import nn
 from recsys.configs import DLRMConfig, TTConfig
 from recsys.lsh_output import LSHConfig, LSHOutputLayer
 from recsys.sequence_encoders import HistoryEncoder
+from recsys.sequence_transformer import SequenceTransformer, SequenceTransformerConfig
 from recsys.serving.dlrm import InferenceDLRM
 from recsys.serving.features import FeatureEncoder
 from recsys.serving.format import (
@@ -132,10 +133,38 @@ def _check_cache_rows(rows: torch.Tensor, empty: int, name: str) -> None:
 RETRIEVAL_LAYER_KEYS = ("weight", "projection", "codes", "offsets", "members")
 """What ``LSHOutputLayer.topk`` reads; the training-only state (fingerprints, triplet buffer, scheduler) stays out."""
 CATALOGUE_KEY = "catalogue.item_ids"
+HISTORY_ENCODER_KIND = "recsys.sequence_encoders.HistoryEncoder"
+SEQUENCE_TRANSFORMER_KIND = "recsys.sequence_transformer.SequenceTransformer"
+"""The retrieval encoder's ``kind``: the position-aware mean (every export before the transformer), the transformer."""
+
+
+def history_encoder(section: Mapping[str, Any]) -> HistoryEncoder | SequenceTransformer:
+    """The retrieval section's ``encoder`` as an untrained module in eval mode (the export's tensors go in next).
+
+    Raises:
+        ExportFormatError: a kind this code does not know, or a transformer config it cannot read.
+    """
+    kind, num_items, max_len, hidden = section.get("kind"), section["num_items"], section["max_len"], section["hidden"]
+    if kind == HISTORY_ENCODER_KIND:
+        return HistoryEncoder(num_items, max_len, section["item_dim"], hidden, 0.0).eval()
+    if kind == SEQUENCE_TRANSFORMER_KIND:
+        try:
+            config = SequenceTransformerConfig(**section["transformer"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ExportFormatError(f"retrieval: transformer config not readable by this code ({exc})") from exc
+        return SequenceTransformer(num_items, max_len, hidden, 0.0, config).eval()
+    raise ExportFormatError(
+        f"retrieval: encoder kind {kind!r} unknown; this code reads {[HISTORY_ENCODER_KIND, SEQUENCE_TRANSFORMER_KIND]}"
+    )
 
 
 class Retrieval:
     """The candidate generator of ``/v1/recommend``: history -> hidden -> ``LSHOutputLayer.topk``.
+
+    The history encoder is the export's kind (:func:`history_encoder`): the position-aware mean or the
+    causal transformer, whose hidden vector is its last position's. (A transformer with ``reformer`` or
+    ``smyrf`` attention draws fresh hashes on every call, as in training, so its answers vary slightly
+    between calls; ``dense`` and ``learned_lsh`` are deterministic.)
 
     Item ids are those of the sequence log the next-item model trained on (1-based); class ``c``
     of the layer is item ``item_ids[c]``. Re-ranking puts an item into the DLRM's categorical
@@ -165,7 +194,7 @@ class Retrieval:
             lsh = LSHConfig(**section["lsh"])
         except (TypeError, ValueError) as exc:
             raise ExportFormatError(f"retrieval: LSH config not readable by this code ({exc})") from exc
-        self.encoder = HistoryEncoder(self.num_items, self.max_len, enc["item_dim"], enc["hidden"], 0.0).eval()
+        self.encoder = history_encoder(enc)
         self.layer = LSHOutputLayer(enc["hidden"], self.num_items, lsh).eval()
         encoder_state = {k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")}
         _load_exactly(self.encoder, encoder_state, "encoder.")

@@ -120,7 +120,7 @@ ITEM_COLUMN = "C3"
 
 @pytest.fixture(scope="session")
 def next_item_run(tmp_path_factory) -> Path:
-    """A next-item model (history encoder + learned LSH output layer) over 300 items, one short epoch."""
+    """A next-item model (causal transformer + learned LSH output layer) over 300 items, two short epochs."""
     root = tmp_path_factory.mktemp("next_item")
     rng = np.random.default_rng(3)
     lines = []
@@ -131,10 +131,23 @@ def next_item_run(tmp_path_factory) -> Path:
     (root / "sequences.txt").write_text("\n".join(lines) + "\n")
     lsh = LSHConfig(num_tables=6, num_bits=4, sample_size=96, hash_every=10, learned=True, max_per_bucket=128)
     config = NextItemConfig(
-        epochs=2, batch_size=128, hidden=32, item_dim=16, max_len=10, eval_batch_size=512, lsh=lsh, device="cpu", seed=0
-    )
+        encoder="transformer", epochs=2, batch_size=128, hidden=32, max_len=10, eval_batch_size=512, lsh=lsh,
+        device="cpu", seed=0,
+    )  # fmt: skip
     train_next_item(config, root / "sequences.txt", root / "run", progress=False)
     return root / "run"
+
+
+@pytest.fixture(scope="session")
+def mean_next_item_run(next_item_run) -> Path:
+    """The same log with the position-aware mean encoder: the kind of every export before the transformer."""
+    lsh = LSHConfig(num_tables=6, num_bits=4, sample_size=96, max_per_bucket=128)
+    config = NextItemConfig(
+        encoder="mean", epochs=1, batch_size=256, hidden=32, item_dim=16, max_len=10, lsh=lsh, device="cpu", seed=0
+    )
+    out = next_item_run.parent / "mean_run"
+    train_next_item(config, next_item_run.parent / "sequences.txt", out, progress=False)
+    return out
 
 
 @pytest.fixture(scope="session")

@@ -567,7 +567,7 @@ def test_retrieval_refuses_missing_or_misshapen_tensors_naming_them(dense_retrie
     section, columns = manifest["retrieval"], list(SPARSE_COLUMNS)
     whole = Retrieval(section, tensors, columns)
     assert not whole.encoder.training and not whole.layer.training
-    for name in ("encoder.mlp.0.weight", "output.members", "output.weight"):
+    for name in ("encoder.blocks.0.qkv.weight", "output.members", "output.weight"):
         with pytest.raises(ExportFormatError, match=rf"no tensor '{re.escape(name)}'"):
             Retrieval(section, {k: v for k, v in tensors.items() if k != name}, columns)
         wrong = {**tensors, name: tensors[name][:1]}
@@ -581,6 +581,48 @@ def test_retrieval_refuses_missing_or_misshapen_tensors_naming_them(dense_retrie
         Retrieval(section, {**tensors, "catalogue.item_ids": tensors["catalogue.item_ids"][:-1]}, columns)
     with pytest.raises(ExportFormatError, match="re-rank column 'C3' is not a categorical column"):
         Retrieval(section, tensors, [c for c in columns if c != "C3"])
+
+
+def test_transformer_encoder_section_and_its_refusals(dense_retrieval_export):
+    """The transformer's section holds its architecture whole; an unknown kind or an unreadable architecture is
+    refused naming what is wrong."""
+    from recsys.serving import SEQUENCE_TRANSFORMER_KIND, Retrieval
+
+    manifest = read_manifest(dense_retrieval_export)
+    tensors = read_tensors(dense_retrieval_export, manifest, RETRIEVAL_FILE)
+    section, columns = manifest["retrieval"], list(SPARSE_COLUMNS)
+    encoder = section["encoder"]
+    assert encoder["kind"] == SEQUENCE_TRANSFORMER_KIND and encoder["hidden"] == 32 and encoder["max_len"] == 10
+    assert encoder["transformer"]["attention"] == "dense" and encoder["transformer"]["layers"] == 2
+    unknown = {**section, "encoder": {**encoder, "kind": "recsys.sequence_encoders.GRU"}}
+    with pytest.raises(ExportFormatError, match=r"encoder kind 'recsys\.sequence_encoders\.GRU' unknown"):
+        Retrieval(unknown, tensors, columns)
+    unreadable = {**section, "encoder": {**encoder, "transformer": {**encoder["transformer"], "heads": 0}}}
+    with pytest.raises(ExportFormatError, match=r"transformer config not readable.*heads must be >= 1"):
+        Retrieval(unreadable, tensors, columns)
+
+
+def test_an_export_of_the_mean_encoder_keeps_the_first_layout_and_serves_its_hidden_vector(
+    dense_run, mean_next_item_run, tmp_path
+):
+    """``--encoder mean`` exports the encoder section of every export before the transformer (so those load
+    as before), and the served hidden vector is the trained encoder's."""
+    from recsys.serving import HISTORY_ENCODER_KIND
+
+    from .test_service import _trained_next_item
+
+    out = tmp_path / "mean_export"
+    export_checkpoint(dense_run, out, retrieval=mean_next_item_run, item_column=ITEM_COLUMN)
+    encoder = read_manifest(out)["retrieval"]["encoder"]
+    assert encoder == {"kind": HISTORY_ENCODER_KIND, "num_items": NUM_ITEMS, "max_len": 10, "hidden": 32,
+                       "item_dim": 16}  # fmt: skip
+    model, config = _trained_next_item(mean_next_item_run)
+    served = load_exported(out).retrieval
+    history = np.random.default_rng(7).integers(1, NUM_ITEMS + 1, 6).tolist()
+    padded = torch.full((1, config.max_len), -1, dtype=torch.int64)
+    padded[0, -6:] = torch.tensor(history) - 1  # item ids are classes + 1
+    with torch.no_grad():
+        torch.testing.assert_close(served.hidden(history), model.encoder(padded), rtol=0, atol=0)
 
 
 def _rewritten(export: Path, out: Path, change) -> Path:

@@ -25,7 +25,7 @@ from pipelines.export.writer import export_checkpoint, load_checkpoint_tensors
 from pipelines.training.checkpoint import latest_checkpoint
 from pipelines.training.next_item import NextItemConfig
 from pipelines.training.output_layer import build_output_layer
-from recsys.sequence_encoders import EncoderWithOutput, HistoryEncoder
+from recsys.sequence_encoders import EncoderWithOutput
 from recsys.serving import MODEL_FILE, load_exported
 from recsys.serving.criteo import DENSE_COLUMNS, SPARSE_COLUMNS
 from service.app import create_app
@@ -152,8 +152,7 @@ def _trained_next_item(run):
     config = config_from_dict(NextItemConfig, metrics["config"])
     state = load_checkpoint_tensors(latest_checkpoint(run / "checkpoints"), prefix="model.")
     num_items = state["output.weight"].shape[0]
-    encoder = HistoryEncoder(num_items, config.max_len, config.item_dim, config.hidden, config.dropout)
-    model = EncoderWithOutput(encoder, build_output_layer(config, num_items))
+    model = EncoderWithOutput(config.build_encoder(num_items), build_output_layer(config, num_items))
     model.load_state_dict(state)  # strict: every tensor of the checkpoint
     return model.eval(), config
 
