@@ -33,15 +33,15 @@ import torch
 from bench.lsh_attention import PeakMemory, crossing
 from pipelines.report import format_table, human_bytes
 from recsys.lsh_output import FullSoftmaxOutput
-from recsys.sequence_encoders import HistoryEncoder
-from recsys.sequence_transformer import SequenceTransformer, SequenceTransformerConfig
+from recsys.sequence_encoders import build_history_encoder
+from recsys.sequence_transformer import SequenceTransformerConfig
 
 
 def _encoder(name: str, items: int, n: int, dim: int, bucket_size: int, n_hashes: int) -> torch.nn.Module:
-    if name == "mean":
-        return HistoryEncoder(items, n, dim, dim, 0.2)
-    config = SequenceTransformerConfig(attention=name, bucket_size=bucket_size, n_hashes=n_hashes)
-    return SequenceTransformer(items, n, dim, 0.2, config)
+    """``mean`` or the transformer with attention ``name``, built as ``pipelines.train_next_item`` builds them."""
+    config = SequenceTransformerConfig(attention="dense" if name == "mean" else name, bucket_size=bucket_size,
+                                       n_hashes=n_hashes)  # fmt: skip
+    return build_history_encoder("mean" if name == "mean" else "transformer", items, n, dim, dim, 0.2, config)
 
 
 def measure(name: str, args: argparse.Namespace, n: int) -> dict:
@@ -106,6 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     sizes = [int(s) for s in args.sizes.split(",")]
     names = args.attentions.split(",")
+    if "dense" not in names:
+        p.error("--attentions must include dense: every ratio is against it")
     machine = f"{platform.machine()} {platform.processor() or 'cpu'}, {torch.get_num_threads()} torch threads"
     print(f"machine: {machine}, torch {torch.__version__}; batch {args.batch}, width {args.dim}, 2 layers, "
           f"2 heads, {args.items} items, LSH bucket {args.bucket_size} x {args.n_hashes} rounds; "

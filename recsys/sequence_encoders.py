@@ -47,13 +47,15 @@ def build_history_encoder(
     item_dim: int,
     hidden: int,
     dropout: float,
-    transformer: SequenceTransformerConfig,
+    transformer: SequenceTransformerConfig | None = None,
 ) -> HistoryEncoder | SequenceTransformer:
     """The history encoder ``kind`` names: ``mean`` (:class:`HistoryEncoder`, ``item_dim`` wide embeddings) or
     ``transformer`` (:class:`SequenceTransformer` of width ``hidden``, ``transformer`` its architecture)."""
     if kind == "mean":
         return HistoryEncoder(num_items, max_len, item_dim, hidden, dropout)
     if kind == "transformer":
+        if transformer is None:
+            raise ValueError("the transformer encoder needs its SequenceTransformerConfig")
         return SequenceTransformer(num_items, max_len, hidden, dropout, transformer)
     raise ValueError(f"encoder must be one of {HISTORY_ENCODERS}, got {kind!r}")
 

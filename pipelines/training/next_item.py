@@ -159,7 +159,8 @@ def run(config: NextItemConfig, data_path: Path, out_dir: Path, progress: bool =
     config = config.for_catalogue(log_data.num_items)
     encoder = config.build_encoder(log_data.num_items)
     model = EncoderWithOutput(encoder, build_output_layer(config, log_data.num_items)).to(device)
-    log.info("encoder: %s, %d parameters", config.encoder, sum(p.numel() for p in encoder.parameters()))
+    encoder_parameters = sum(p.numel() for p in encoder.parameters())  # a shared block counted once
+    log.info("encoder: %s, %d parameters", config.encoder, encoder_parameters)
 
     def validate() -> dict:
         return evaluate_next_item(model, *splits["validation"], config.eval_batch_size, retrieval=False)
@@ -172,7 +173,7 @@ def run(config: NextItemConfig, data_path: Path, out_dir: Path, progress: bool =
         "data": str(data_path),
         "val_recall@10": validation["recall@10"],
         "val_ndcg@10": validation["ndcg@10"],
-        "encoder_parameters": sum(p.numel() for p in encoder.parameters()),
+        "encoder_parameters": encoder_parameters,
     }
     title = f"next item, {config.encoder} encoder, {config.output_layer} output layer, {data_path.name}"
     return finish_run(engine, config, test_metrics, out_dir, extra, ["recall@10", "ndcg@10"], title)

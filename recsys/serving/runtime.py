@@ -26,7 +26,7 @@ from torch import nn
 
 from recsys.configs import DLRMConfig, TTConfig
 from recsys.lsh_output import LSHConfig, LSHOutputLayer
-from recsys.sequence_encoders import HistoryEncoder
+from recsys.sequence_encoders import HistoryEncoder, build_history_encoder
 from recsys.sequence_transformer import SequenceTransformer, SequenceTransformerConfig
 from recsys.serving.dlrm import InferenceDLRM
 from recsys.serving.features import FeatureEncoder
@@ -146,13 +146,13 @@ def history_encoder(section: Mapping[str, Any]) -> HistoryEncoder | SequenceTran
     """
     kind, num_items, max_len, hidden = section.get("kind"), section["num_items"], section["max_len"], section["hidden"]
     if kind == HISTORY_ENCODER_KIND:
-        return HistoryEncoder(num_items, max_len, section["item_dim"], hidden, 0.0).eval()
+        return build_history_encoder("mean", num_items, max_len, section["item_dim"], hidden, 0.0).eval()
     if kind == SEQUENCE_TRANSFORMER_KIND:
         try:
             config = SequenceTransformerConfig(**section["transformer"])
         except (KeyError, TypeError, ValueError) as exc:
             raise ExportFormatError(f"retrieval: transformer config not readable by this code ({exc})") from exc
-        return SequenceTransformer(num_items, max_len, hidden, 0.0, config).eval()
+        return build_history_encoder("transformer", num_items, max_len, 0, hidden, 0.0, config).eval()
     raise ExportFormatError(
         f"retrieval: encoder kind {kind!r} unknown; this code reads {[HISTORY_ENCODER_KIND, SEQUENCE_TRANSFORMER_KIND]}"
     )
