@@ -2,7 +2,8 @@
 
 ``create_app(settings)`` builds one app: the model store, the micro-batcher and the metrics on
 ``app.state`` (what ``service.deps`` hands the routes), the error handlers, the body-limit and
-metrics middleware, and the routers. ``python -m service`` runs it with uvicorn.
+metrics middleware, the hot routes' fast path (``service.hot_routes``), and the routers.
+``python -m service`` runs it with uvicorn.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from service.admin import ADMIN_PREFIX
 from service.batching import MicroBatcher
 from service.body import document_bodies
 from service.errors import ServiceError, install_error_handlers
+from service.hot_routes import HotRoutes
 from service.metrics import ServiceMetrics
 from service.middleware import LimitsAndMetricsMiddleware
 from service.model_store import ModelStore
@@ -75,6 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
         },
     )
     app.state.settings, app.state.store, app.state.batcher, app.state.metrics = settings, store, batcher, metrics
+    app.add_middleware(HotRoutes)  # added first: inside the limits and metrics
     app.add_middleware(
         LimitsAndMetricsMiddleware,
         max_body_bytes=settings.max_body_bytes,

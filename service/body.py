@@ -48,7 +48,13 @@ def document_bodies(schema: dict) -> None:
 
 async def parse_body(request: Request, model: type[M]) -> M:
     """The request's body as ``model``; a ``RequestValidationError`` as FastAPI's body parameter would raise."""
-    raw = (await request.body()).removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark: ignored (RFC 8259 8.1)
+    return validate_body(await request.body(), model)
+
+
+def validate_body(raw: bytes, model: type[M]) -> M:
+    """A raw JSON body as ``model`` (``service.hot_routes`` reads the bytes itself; the FastAPI routes by
+    :func:`parse_body`)."""
+    raw = raw.removeprefix(b"\xef\xbb\xbf")  # a UTF-8 byte order mark: ignored (RFC 8259 8.1)
     try:
         return model.model_validate_json(raw)
     except ValidationError as exc:

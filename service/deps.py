@@ -37,8 +37,13 @@ async def metrics_of(request: Request) -> ServiceMetrics:
 
 async def served_model(request: Request) -> ExportedModel:
     """The model requests are scored with; 503 until one is loaded and the batcher runs."""
-    model = request.app.state.store.current
-    if model is None or not request.app.state.batcher.running:
+    return served_model_of(request.app.state)
+
+
+def served_model_of(state) -> ExportedModel:
+    """``served_model`` of an app's ``state`` (``service.hot_routes`` has no ``Request``)."""
+    model = state.store.current
+    if model is None or not state.batcher.running:
         raise ServiceError(503, "the model is not loaded yet", {"Retry-After": "1"})
     return model
 

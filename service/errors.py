@@ -56,13 +56,16 @@ def validation_message(errors: list[dict]) -> str:
     return "; ".join(parts) + more
 
 
+def validation_error_response(exc: RequestValidationError) -> JSONResponse:
+    """The 422 of an invalid body: one sentence naming the fields, and each error's location and type."""
+    errors = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()]
+    return error_response(422, validation_message(errors), errors)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def on_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
-        ]
-        return error_response(422, validation_message(errors), errors)
+        return validation_error_response(exc)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
