@@ -82,8 +82,19 @@ class SparseFeatureEncoder(nn.Module):
 
 
 class EncoderWithOutput(nn.Module):
-    """``encoder(batch inputs) -> hidden (B, D)`` followed by the output layer; one state dict for both."""
+    """``encoder(batch inputs) -> hidden (B, D)`` followed by the output layer; one state dict for both.
+
+    A transformer with ``tie_items`` is bound here to the output layer's weight (its item embedding).
+    """
 
     def __init__(self, encoder: nn.Module, output: LSHOutputLayer | FullSoftmaxOutput) -> None:
         super().__init__()
         self.encoder, self.output = encoder, output
+        if isinstance(encoder, SequenceTransformer) and encoder.config.tied:
+            encoder.tie_items_to(output, sparse=tied_gradient_is_sparse(output))
+
+
+def tied_gradient_is_sparse(output: LSHOutputLayer | FullSoftmaxOutput) -> bool:
+    """Whether a tied item embedding's gradient must be sparse: as the output layer's own gradient is (the LSH
+    layer's sampled rows with ``LSHConfig.sparse``; the full softmax's is dense), so the two add up."""
+    return isinstance(output, LSHOutputLayer) and output.config.sparse

@@ -277,6 +277,9 @@ def retrieval_export(run: Path, item_column: str, sparse_columns: list[str]) -> 
         raise ValueError(f"--retrieval {run}: trained with --output-layer {config.output_layer}; it needs lsh")
     state = load_checkpoint_tensors(checkpoint, prefix="model.")
     num_items = int(state["output.weight"].shape[0])
+    if config.encoder == "transformer" and config.transformer.tied and "encoder.items.weight" in state:
+        # a run from before tied items were the default: its config has no tie_items, its encoder its own table
+        config = dataclasses.replace(config, transformer=dataclasses.replace(config.transformer, tie_items=False))
     tensors = {k: v for k, v in state.items() if k.startswith("encoder.")}
     tensors |= {f"output.{k}": state[f"output.{k}"] for k in RETRIEVAL_LAYER_KEYS}
     tensors[CATALOGUE_KEY] = torch.arange(1, num_items + 1, dtype=torch.int64)  # class c is item c + 1 of the log

@@ -59,8 +59,11 @@ class NextItemConfig(OutputLayerConfig):
         },
     )
     transformer: SequenceTransformerConfig = field(
-        default_factory=SequenceTransformerConfig,
-        metadata={"help": "the transformer encoder (--encoder transformer); its width is --hidden"},
+        default_factory=lambda: SequenceTransformerConfig(tie_items=True),
+        metadata={
+            "help": "the transformer encoder (--encoder transformer); its width is --hidden; its input items are "
+            "the output layer's weight unless --item-factor-dim factorises them (--no-tie-items: a table of their own)"
+        },
     )
     max_len: int = field(default=50, metadata={"help": "history length (most recent items)"})
     item_dim: int = field(default=64, metadata={"help": "width of the input item embeddings (--encoder mean)"})
@@ -87,6 +90,7 @@ class NextItemConfig(OutputLayerConfig):
         "heads": Alias("transformer.heads"),
         "share_layers": Alias("transformer.share_layers"),
         "item_factor_dim": Alias("transformer.item_factor_dim"),
+        "tie_items": Alias("transformer.tie_items"),
     }
     """Short forms of the transformer's fields, and the flat fields of earlier versions."""
 

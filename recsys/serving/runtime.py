@@ -196,6 +196,8 @@ class Retrieval:
             raise ExportFormatError(f"retrieval: LSH config not readable by this code ({exc})") from exc
         self.encoder = history_encoder(enc)
         self.layer = LSHOutputLayer(enc["hidden"], self.num_items, lsh).eval()
+        if isinstance(self.encoder, SequenceTransformer) and self.encoder.config.tied:
+            self.encoder.tie_items_to(self.layer)  # its items are the layer's weight rows, loaded below
         encoder_state = {k.removeprefix("encoder."): v for k, v in tensors.items() if k.startswith("encoder.")}
         _load_exactly(self.encoder, encoder_state, "encoder.")
         layer_state = {k: tensors.get(f"output.{k}") for k in RETRIEVAL_LAYER_KEYS}

@@ -227,7 +227,7 @@ def test_train_next_item_transformer_writes_the_metrics_of_its_checkpointed_mode
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["config"]["transformer"] | {"ffn_mult": 2} == {
         "layers": 2, "heads": 2, "attention": "reformer", "bucket_size": 32, "n_hashes": 2, "share_layers": True,
-        "item_factor_dim": 4, "ffn_mult": 2}  # fmt: skip
+        "item_factor_dim": 4, "ffn_mult": 2, "tie_items": True}  # fmt: skip (tied by default, but factorised: untied)
     rows = sum(-(-(len(items) - 3) // 6) for items in sequences)  # windows of 6 of each user's train targets
     assert rows > 80 and metrics["steps"] == 2 * -(-rows // 16)  # some users give two rows; 16 rows a batch
     num_items = max(max(items) for items in sequences)

@@ -172,3 +172,66 @@ def test_build_history_encoder_names_both_kinds():
     assert isinstance(encoder, SequenceTransformer) and encoder(_history()).shape == (5, D)
     with pytest.raises(ValueError, match="encoder must be one of"):
         build_history_encoder("rnn", ITEMS, T, 8, D, 0.0, config)
+
+
+def _tied_pair(sparse: bool = False) -> tuple[SequenceTransformer, nn.Module, SequenceTransformer]:
+    """A tied encoder bound to a full-softmax layer, and an untied copy whose item table is that weight
+    (plus its zero padding row): the reference the tied one must equal."""
+    from recsys.lsh_output import FullSoftmaxOutput
+
+    tied = _model(tie_items=True)
+    output = FullSoftmaxOutput(D, ITEMS, seed=3).double()
+    tied.tie_items_to(output, sparse=sparse)
+    untied = _model(tie_items=False)
+    state = tied.state_dict() | {"items.weight": torch.cat((output.weight.detach(), torch.zeros(1, D).double()))}
+    untied.load_state_dict(state)
+    return tied, output, untied
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+def test_tied_items_are_the_output_weight_forward_and_gradient(sparse):
+    """Tied: the same outputs as an untied encoder whose table is the output weight, and the weight's gradient
+    the sum of both ends' (autograd on the untied pair in float64); sparse or dense, the same values."""
+    from recsys.lsh_output import FullSoftmaxOutput
+
+    tied, output, untied = _tied_pair(sparse)
+    history = _history(6, seed=4)
+    positions = history >= 0
+    targets = torch.randint(0, ITEMS, (int(positions.sum()),), generator=torch.Generator().manual_seed(5))
+    output(tied(history, positions), targets).backward()
+    reference_output = FullSoftmaxOutput(D, ITEMS, seed=3).double()
+    reference_output.load_state_dict(output.state_dict())
+    reference_output(untied(history, positions), targets).backward()
+    expected = reference_output.weight.grad + untied.items.weight.grad[:ITEMS]
+    grad = output.weight.grad  # the full softmax's own gradient is dense: so is the sum
+    torch.testing.assert_close(grad.to_dense() if grad.is_sparse else grad, expected, rtol=1e-12, atol=1e-12)
+    assert untied.items.weight.grad[:ITEMS].abs().sum() > 0  # the input end contributes
+    torch.testing.assert_close(tied(history), untied(history), rtol=0, atol=0)
+
+
+def test_tied_items_live_in_the_output_layer_once():
+    """The tied encoder has no table of its own: not in its parameters (its optimizer), not in its state dict;
+    ``EncoderWithOutput`` binds it and holds the weight once; a factorised config keeps its own table."""
+    from recsys.lsh_output import LSHConfig, LSHOutputLayer
+    from recsys.sequence_encoders import EncoderWithOutput
+
+    encoder = SequenceTransformer(ITEMS, T, D, 0.0, SequenceTransformerConfig(tie_items=True))
+    assert not any(k.startswith("items") for k in encoder.state_dict())
+    with pytest.raises(RuntimeError, match="tie_items_to"):
+        encoder(_history())
+    layer = LSHOutputLayer(D, ITEMS, LSHConfig(num_tables=2, num_bits=3, sample_size=16))
+    model = EncoderWithOutput(encoder, layer)
+    assert [k for k in model.state_dict() if k.endswith("weight") and model.state_dict()[k].shape == (ITEMS, D)] == [
+        "output.weight"
+    ]
+    assert all(p is not layer.weight for p in encoder.parameters())
+    assert encoder._tied_sparse == layer.config.sparse
+    history = _history()
+    layer(encoder(history, history >= 0), torch.randint(0, ITEMS, (int((history >= 0).sum()),))).backward()
+    assert layer.weight.grad.is_sparse  # both ends sparse: the sampled rows and the history's items
+    factorised = SequenceTransformerConfig(tie_items=True, item_factor_dim=4)
+    assert not factorised.tied and SequenceTransformer(ITEMS, T, D, 0.0, factorised).items is not None
+    with pytest.raises(ValueError, match="own item embedding"):
+        SequenceTransformer(ITEMS, T, D, 0.0, factorised).tie_items_to(layer)
+    with pytest.raises(ValueError, match=r"\(40, 8\)"):
+        SequenceTransformer(ITEMS, T, 8, 0.0, SequenceTransformerConfig(tie_items=True)).tie_items_to(layer)
