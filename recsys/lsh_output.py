@@ -65,6 +65,8 @@ BUCKET_READ_CAP = 128
 """Catalogue-sized ``max_per_bucket``: entries read from one bucket per query, four times the mean bucket."""
 MIN_SAMPLE, MAX_SAMPLE = 2048, 8192
 """Bounds of the catalogue-sized ``sample_size`` (``C / 16`` between them)."""
+MIN_QUOTA = 6
+"""LSH candidates a query keeps at least when the sample is sized to the catalogue (``LSHConfig.resolved``)."""
 MAX_TABLE_ENTRIES = 2**26
 """``num_tables * buckets`` above this is refused: the offsets alone would take 512 MiB."""
 
@@ -96,6 +98,7 @@ class LSHConfig:
     sample_size: int | None = None  # S: classes scored per step (labels + LSH + uniform); unset = sized to the classes
     max_per_bucket: int | None = None  # entries read from a bucket per query (0 = all); unset = sized to the classes
     per_query_quota: bool = True  # each query keeps its best S/B candidates, instead of batch-wide counts
+    min_quota: int | None = None  # floor of S/B: B rows sample max(S, min_quota*B) classes; unset = 6 (S set: 0)
     logq: bool = False  # subtract log(inclusion probability) from the sampled logits
     learned: bool = False  # MONGOOSE: train the projection with a triplet loss
     hash_lr: float = 0.01  # Adam learning rate of the projection (its columns are kept at unit norm)
@@ -132,6 +135,8 @@ class LSHConfig:
             raise ValueError(f"num_tables * buckets = {self.num_buckets * self.num_tables} is too many (> 2**26)")
         if self.sample_size is not None and self.sample_size < 1:
             raise ValueError(f"sample_size must be >= 1, got {self.sample_size}")
+        if self.min_quota is not None and self.min_quota < 0:
+            raise ValueError(f"min_quota must be >= 0, got {self.min_quota}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.rebuild_mode not in ("changed", "full"):
@@ -171,7 +176,11 @@ class LSHConfig:
           hashing grew skewed is read from a random start up to the cap instead of whole;
         - ``sample_size``: ``C / 16`` within [2,048, 8,192]: every class of a catalogue up to 2,048 is
           scored (the exact softmax); from 32K classes the sample grows with the catalogue (each query
-          keeps ``S / B`` candidates) until the ``(B, S)`` matmul, not the tables, would dominate the step.
+          keeps ``S / B`` candidates) until the ``(B, S)`` matmul, not the tables, would dominate the step;
+        - ``min_quota``: ``MIN_QUOTA`` (6) with a sized ``S``, 0 with a set one: a batch of more rows than
+          ``S / 6`` (a transformer trained at every position: ~750 rows a step on Amazon Beauty) would
+          leave each query 2 or 3 candidates, and the label recall of the sample halves (0.20 at a quota
+          of 2 against 0.41 at 5); the sample grows with the rows instead.
 
         Measured at 670K classes (``python -m bench.lsh_output``): 20.5x faster than the full softmax,
         label recall in the sample 0.953 (docs/lsh_output.md). Options already set are kept.
@@ -185,9 +194,19 @@ class LSHConfig:
             changes["num_bits"] = max(1, min(bits, limit))
         if self.max_per_bucket is None:
             changes["max_per_bucket"] = BUCKET_READ_CAP
+        if self.min_quota is None:
+            changes["min_quota"] = MIN_QUOTA if self.sample_size is None else 0
         if self.sample_size is None:
             changes["sample_size"] = max(MIN_SAMPLE, min(num_classes // 16, MAX_SAMPLE))
         return replace(self, **changes)
+
+    def step_sample_size(self, rows: int, num_classes: int) -> int:
+        """``S`` of a step of ``rows`` query rows: ``sample_size``, raised to ``min_quota`` per row (at most ``C``)."""
+        if self.sample_size is None:
+            raise ValueError("sample_size is not set: resolve the config for a catalogue first (LSHConfig.resolved)")
+        if not self.per_query_quota:
+            return self.sample_size
+        return max(self.sample_size, min((self.min_quota or 0) * rows, num_classes))
 
 
 def label_pairs(labels: Labels, batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, bool]:
@@ -511,12 +530,13 @@ class LSHOutputLayer(nn.Module):
             classes, query_index = query_buckets(
                 query_codes, self.offsets, self.members, self.num_buckets, cfg.max_per_bucket, gen
             )
+            sample_size = cfg.step_sample_size(batch, self.num_classes)
             if cfg.per_query_quota:
-                quota = max(1, cfg.sample_size // batch)
+                quota = max(1, sample_size // batch)
                 counts = per_query_candidates(classes, query_index, batch, self.num_classes, quota, gen)  # (C,)
             else:
                 counts = torch.bincount(classes, minlength=self.num_classes)  # (C,)
-            sample, in_sample = select_sample(counts, values, cfg.sample_size, gen)  # (S,), (n,)
+            sample, in_sample = select_sample(counts, values, sample_size, gen)  # (S,), (n,)
         weight = F.embedding(sample, self.weight, sparse=cfg.sparse)  # (S, D)
         logits = hidden @ weight.t()  # (B, S)
         if cfg.logq:
@@ -645,7 +665,8 @@ class LSHOutputLayer(nn.Module):
         cap = c.max_per_bucket or "all"
         return (
             f"{self.in_features}, {self.num_classes}, L={c.num_tables}, K={c.num_bits}, S={c.sample_size}, "
-            f"max_per_bucket={cap}, per_query_quota={c.per_query_quota}, hash={c.hash}, learned={c.learned}"
+            f"min_quota={c.min_quota}, max_per_bucket={cap}, per_query_quota={c.per_query_quota}, hash={c.hash}, "
+            f"learned={c.learned}"
         )
 
 

@@ -145,11 +145,11 @@ def test_different_seeds_give_different_weights_projections_and_fingerprints():
 def test_extra_repr_names_sizes_tables_bits_and_budget():
     layer = LSHOutputLayer(6, 40, LSHConfig(num_tables=3, num_bits=2, sample_size=17))
     assert repr(layer).startswith(
-        "LSHOutputLayer(\n  6, 40, L=3, K=2, S=17, max_per_bucket=128, per_query_quota=True, hash=simhash, "
-        "learned=False\n"
+        "LSHOutputLayer(\n  6, 40, L=3, K=2, S=17, min_quota=0, max_per_bucket=128, per_query_quota=True, "
+        "hash=simhash, learned=False\n"
     )
     uncapped = LSHOutputLayer(6, 40, LSHConfig(num_tables=3, num_bits=2, max_per_bucket=0, per_query_quota=False))
-    assert "S=2048, max_per_bucket=all, per_query_quota=False" in repr(uncapped)
+    assert "S=2048, min_quota=6, max_per_bucket=all, per_query_quota=False" in repr(uncapped)
 
 
 # -- the full-softmax baseline ---------------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def test_default_layer_holds_and_shows_its_resolved_options():
     assert layer.config == LSHConfig().resolved(5_000)
     assert layer.num_buckets == 2**7 and layer.offsets.numel() == 16 * 2**7 + 1
     assert layer.projection.shape == (8, 16 * 7)
-    assert "K=7, S=2048, max_per_bucket=128, per_query_quota=True" in repr(layer)
+    assert "K=7, S=2048, min_quota=6, max_per_bucket=128, per_query_quota=True" in repr(layer)
     assert layer.stats()["config"] == dataclasses.asdict(layer.config)
 
 
@@ -147,3 +147,36 @@ def test_train_next_item_records_the_resolved_options_and_per_epoch_layer_figure
     steps_per_epoch = -(-metrics["steps"] // 2)
     assert all(record["lsh_rebuilds"] <= steps_per_epoch for record in epochs)
     assert all(0.0 <= record["lsh_label_recall_in_sample"] <= 1.0 for record in epochs)
+
+
+@pytest.mark.parametrize(("rows", "expected"), [(64, 2048), (341, 2048), (342, 2052), (750, 4500), (5000, 12_101)])
+def test_a_sized_sample_keeps_six_candidates_a_query(rows, expected, monkeypatch):
+    """A sized S grows to 6 candidates a row (at most C) for a batch of more rows than S / 6; the quota each
+    query gets is S / B of the step's S. A sample_size set by hand is exact (min_quota 0)."""
+    config = LSHConfig().resolved(12_101)
+    assert (config.sample_size, config.min_quota) == (2048, 6)
+    assert config.step_sample_size(rows, 12_101) == expected
+    assert LSHConfig(sample_size=300).resolved(12_101).min_quota == 0
+    assert LSHConfig(sample_size=300).resolved(12_101).step_sample_size(rows, 12_101) == 300
+    assert LSHConfig(min_quota=2).resolved(12_101).step_sample_size(rows, 12_101) == max(2048, min(2 * rows, 12_101))
+
+    from recsys import lsh_output
+
+    seen = {}
+    select, quota_of = lsh_output.select_sample, lsh_output.per_query_candidates
+
+    def recording_select(counts, labels, sample_size, generator=None):
+        seen["sample_size"] = sample_size
+        return select(counts, labels, sample_size, generator)
+
+    def recording_quota(classes, query_index, batch, num_classes, quota, generator=None):
+        seen["quota"] = quota
+        return quota_of(classes, query_index, batch, num_classes, quota, generator)
+
+    monkeypatch.setattr(lsh_output, "select_sample", recording_select)
+    monkeypatch.setattr(lsh_output, "per_query_candidates", recording_quota)
+    layer = LSHOutputLayer(8, 12_101, LSHConfig(num_tables=2))
+    g = torch.Generator().manual_seed(rows)
+    loss = layer(torch.randn(rows, 8, generator=g), torch.randint(0, 12_101, (rows,), generator=g))
+    assert torch.isfinite(loss)
+    assert seen == {"sample_size": expected, "quota": max(1, expected // rows)}

@@ -40,7 +40,8 @@ def test_fresh_stats_are_zero_and_name_every_figure():
     stats = layer.stats()
     assert set(stats) == KEYS
     assert all(stats[key] == 0 for key in COUNTERS), stats
-    assert stats["config"] == {**dataclasses.asdict(config), "max_per_bucket": 128}  # the resolved config
+    resolved = {**dataclasses.asdict(config), "max_per_bucket": 128, "min_quota": 0}
+    assert stats["config"] == resolved
     assert stats["bucket_size_mean"] == 40 * 2 / 16 and stats["bucket_size_max"] == int(layer.offsets.diff().max())
 
 
