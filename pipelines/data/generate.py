@@ -4,6 +4,8 @@ Example::
 
     python -m pipelines.generate --rows 100000 --seed 1 --out data/train.tsv
     python -m pipelines.generate --kind next-item --users 200000 --items 100000 --out data/seq.txt
+    python -m pipelines.generate --kind next-item --users 1500 --items 10000 --categories 20 --home-categories 4 \
+        --length-median 600 --length-sigma 0.45 --max-length 2000 --out data/long.txt   # histories of 340-1,000
 """
 
 from __future__ import annotations
@@ -103,6 +105,38 @@ def build_parser() -> argparse.ArgumentParser:
         "heavier head)",
     )
     p.add_argument(
+        "--length-median",
+        type=float,
+        default=NextItemLogConfig.length_median,
+        help="a next-item history is 4 + ceil(x) items, x lognormal of this median (default: 1.6, Beauty's "
+        "median history of 6; 600 gives histories of ~340-1,000 items)",
+    )
+    p.add_argument(
+        "--length-sigma",
+        type=float,
+        default=NextItemLogConfig.length_sigma,
+        help="sigma of that lognormal (default: 1.38, as Amazon Beauty; smaller = lengths closer to the median)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=NextItemLogConfig.max_length,
+        help="longest next-item history (default: 200; Beauty's longest is 204)",
+    )
+    p.add_argument(
+        "--categories",
+        type=int,
+        default=NextItemLogConfig.categories,
+        help="item categories of a next-item log (default: 0 = one per 200 items); fewer, larger categories "
+        "leave long histories room to draw new items",
+    )
+    p.add_argument(
+        "--home-categories",
+        type=int,
+        default=NextItemLogConfig.home_categories,
+        help="categories each user returns to (default: 3)",
+    )
+    p.add_argument(
         "--seed", type=int, default=0, help="seed of the rows (files with other seeds share the click model)"
     )
     p.add_argument("--out", type=Path, required=True, help="output file; a .gz suffix writes gzip")
@@ -127,7 +161,15 @@ def main(argv: list[str] | None = None) -> None:
     if args.kind == "next-item":
         try:
             log_config = NextItemLogConfig(
-                users=args.users, items=args.items, popularity_exponent=args.popularity_exponent, seed=args.seed
+                users=args.users,
+                items=args.items,
+                categories=args.categories,
+                popularity_exponent=args.popularity_exponent,
+                home_categories=args.home_categories,
+                length_median=args.length_median,
+                length_sigma=args.length_sigma,
+                max_length=args.max_length,
+                seed=args.seed,
             )
         except ValueError as exc:
             parser.error(str(exc))

@@ -106,3 +106,21 @@ def test_the_popularity_exponent_flag_sets_the_skew(tmp_path, capsys):
     with pytest.raises(SystemExit):
         generate_main(["--kind", "next-item", "--popularity-exponent", "-1", "--out", str(tmp_path / "x.txt")])
     assert "popularity_exponent must be >= 0" in capsys.readouterr().err
+
+
+def test_the_length_flags_write_long_histories_of_distinct_items(tmp_path, capsys):
+    """The long-history log of docs/sequence_transformer.md: median ~600 items, none longer than --max-length."""
+    out = tmp_path / "long.txt"
+    generate_main(["--kind", "next-item", "--users", "60", "--items", "4000", "--categories", "8",
+                   "--home-categories", "4", "--length-median", "600", "--length-sigma", "0.45",
+                   "--max-length", "900", "--out", str(out)])  # fmt: skip
+    histories = [line.split()[1:] for line in out.read_text().splitlines()]
+    lengths = np.array([len(h) for h in histories])
+    assert len(histories) == 60 and 350 < np.median(lengths) < 800 and lengths.max() <= 900, lengths
+    assert all(len(set(h)) == len(h) for h in histories)  # no item twice in a history
+    short = tmp_path / "short.txt"
+    generate_main(["--kind", "next-item", "--users", "60", "--items", "4000", "--out", str(short)])
+    assert np.median([len(line.split()) - 1 for line in short.read_text().splitlines()]) < 12  # Beauty-like
+    with pytest.raises(SystemExit):
+        generate_main(["--kind", "next-item", "--max-length", "4", "--out", str(tmp_path / "x.txt")])
+    assert "max_length must be >= 5" in capsys.readouterr().err
