@@ -60,7 +60,7 @@ def read_sequences(path: str | Path) -> SequenceLog:
     return SequenceLog(torch.tensor(users), items_t, offsets, int(items_t.max()) + 1)
 
 
-def _histories(log: SequenceLog, target_pos: torch.Tensor, user: torch.Tensor, max_len: int) -> torch.Tensor:
+def histories_before(log: SequenceLog, target_pos: torch.Tensor, user: torch.Tensor, max_len: int) -> torch.Tensor:
     """``(E, max_len)`` the items before each target position (absolute index into ``items``), left-padded."""
     back = torch.arange(max_len, 0, -1)  # max_len .. 1
     pos = target_pos[:, None] - back[None, :]  # (E, max_len)
@@ -68,10 +68,12 @@ def _histories(log: SequenceLog, target_pos: torch.Tensor, user: torch.Tensor, m
     return torch.where(valid, log.items[pos.clamp(min=0)], torch.full_like(pos, -1))
 
 
-def next_item_splits(log: SequenceLog, max_len: int = 50) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """``{"train", "validation", "test"}`` -> ``(histories (E, max_len), targets (E,))``.
+def next_item_targets(log: SequenceLog) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{"train", "validation", "test"}`` -> ``(target positions (E,), their users (E,))``, absolute into ``items``.
 
-    Users with fewer than 3 items give no validation/test example (all their items train).
+    The split without its histories: ``E x max_len`` of them is gigabytes for a log of long histories
+    (a million train targets at ``max_len`` 500 is 4 GB), so training builds them a batch at a time
+    with ``histories_before``. Users with fewer than 3 items give no validation/test target.
     """
     lengths = log.offsets.diff()
     user_of = torch.repeat_interleave(torch.arange(log.num_users), lengths)
@@ -84,8 +86,26 @@ def next_item_splits(log: SequenceLog, max_len: int = 50) -> dict[str, tuple[tor
     out = {}
     for name, mask in (("train", is_train), ("validation", is_val), ("test", is_test)):
         target_pos = mask.nonzero().squeeze(1)
-        out[name] = (_histories(log, target_pos, user_of[target_pos], max_len), log.items[target_pos])
+        out[name] = (target_pos, user_of[target_pos])
     return out
+
+
+def next_item_splits(
+    log: SequenceLog, max_len: int = 50, names: tuple[str, ...] = ("train", "validation", "test")
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{name: (histories (E, max_len), targets (E,))}`` for each of ``names`` (``train``, ``validation``, ``test``).
+
+    Users with fewer than 3 items give no validation/test example (all their items train).
+    """
+    targets = next_item_targets(log)
+    unknown = sorted(set(names) - set(targets))
+    if unknown:
+        raise ValueError(f"unknown split(s) {unknown}; choose from {sorted(targets)}")
+    return {
+        name: (histories_before(log, pos, user, max_len), log.items[pos])
+        for name, (pos, user) in targets.items()
+        if name in names
+    }
 
 
 def next_item_sequences(log: SequenceLog, max_len: int = 50) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,7 +10,7 @@ Two encoders (``--encoder``): the causal transformer of :mod:`recsys.sequence_tr
 default), trained as SASRec is: every position of a user's train items predicts the item after it,
 the output layer's loss over all of them (``pipelines.data.sequences.next_item_sequences``); or the
 position-aware mean of :class:`recsys.sequence_encoders.HistoryEncoder`, trained on one
-(history, next item) example per position (``next_item_splits``' train split: the same targets).
+(history, next item) example per position (``next_item_targets``' train split: the same targets).
 
 Each user's last item is the test target and the one before the validation target (per-epoch
 curve); Recall@10 and nDCG@10 of the exact top-10 over the whole catalog go to ``metrics.json``
@@ -31,7 +31,14 @@ import torch
 from torch import nn
 
 from pipelines.cli_config import Alias, command_parser, start_command
-from pipelines.data.sequences import SequenceLog, next_item_sequences, next_item_splits, read_sequences
+from pipelines.data.sequences import (
+    SequenceLog,
+    histories_before,
+    next_item_sequences,
+    next_item_splits,
+    next_item_targets,
+    read_sequences,
+)
 from pipelines.training.output_layer import (
     OutputLayerConfig,
     OutputLayerTask,
@@ -104,30 +111,33 @@ class NextItemConfig(OutputLayerConfig):
 Batch = tuple[tuple[torch.Tensor, ...], torch.Tensor]
 
 
-def example_batches(config: NextItemConfig, log_data: SequenceLog, train: tuple, device: torch.device):
+def example_batches(config: NextItemConfig, log_data: SequenceLog, device: torch.device):
     """``(batches(epoch), steps per epoch, train targets)`` of the encoder's training.
 
     ``transformer``: rows of ``next_item_sequences`` (``batch_size`` of them a step), inputs
     ``(history, positions)`` and the targets at those positions; ``mean``: ``batch_size``
-    (history, target) examples of ``train``, ``next_item_splits``' train split.
+    (history, target) examples of ``next_item_targets``' train split, their histories built a batch
+    at a time (all of them at once is ``targets x max_len`` int64: gigabytes for long histories).
     """
     if config.encoder == "transformer":
         inputs, targets = next_item_sequences(log_data, config.max_len)
         rows, count = inputs.shape[0], int((targets >= 0).sum())
     else:
-        inputs, targets = train
-        rows = count = targets.numel()
+        target_pos, target_user = next_item_targets(log_data)["train"]
+        rows = count = target_pos.numel()
 
     def batches(epoch: int) -> Iterator[Batch]:
         perm = torch.randperm(rows, generator=torch.Generator().manual_seed(config.seed * 1000 + epoch))
         for start in range(0, rows, config.batch_size):
             idx = perm[start : start + config.batch_size]
-            history, target = inputs[idx].to(device), targets[idx].to(device)
             if config.encoder == "transformer":
+                history, target = inputs[idx].to(device), targets[idx].to(device)
                 positions = target >= 0  # (b, T): the positions with a next item
                 yield (history, positions), target[positions]
             else:
-                yield (history,), target
+                pos = target_pos[idx]
+                history = histories_before(log_data, pos, target_user[idx], config.max_len)
+                yield (history.to(device),), log_data.items[pos].to(device)
 
     return batches, -(-rows // config.batch_size), count
 
@@ -155,8 +165,8 @@ def run(config: NextItemConfig, data_path: Path, out_dir: Path, progress: bool =
     torch.manual_seed(config.seed)
     device = config.torch_device()
     log_data = read_sequences(data_path)
-    splits = next_item_splits(log_data, config.max_len)
-    batches, steps_per_epoch, n_train = example_batches(config, log_data, splits["train"], device)
+    splits = next_item_splits(log_data, config.max_len, names=("validation", "test"))
+    batches, steps_per_epoch, n_train = example_batches(config, log_data, device)
     n_val, n_test = splits["validation"][1].numel(), splits["test"][1].numel()
     log.info("%d users, %d items; %d train targets, %d validation, %d test users",
              log_data.num_users, log_data.num_items, n_train, n_val, n_test)  # fmt: skip

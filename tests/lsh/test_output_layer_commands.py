@@ -115,6 +115,38 @@ def test_next_item_sequences_targets_are_the_train_split_and_inputs_the_items_be
     assert not (targets[:, :-1] >= 0)[inputs[:, 1:] < 0].any()  # left-padded: no hole inside a row
 
 
+def test_mean_encoder_batches_are_the_train_split_built_a_batch_at_a_time(tmp_path):
+    """The mean encoder's batches build histories per batch; together they are exactly the eager train split."""
+    from pipelines.training.next_item import NextItemConfig, example_batches
+
+    g = torch.Generator().manual_seed(11)
+    lines = [f"{u} " + " ".join(str(v) for v in torch.randint(1, 50, (int(torch.randint(1, 30, (1,), generator=g)),),
+                                                               generator=g).tolist()) for u in range(40)]  # fmt: skip
+    (tmp_path / "s.txt").write_text("\n".join(lines) + "\n")
+    log = read_sequences(tmp_path / "s.txt")
+    config = NextItemConfig(encoder="mean", batch_size=7, max_len=6)
+    batches, steps, count = example_batches(config, log, torch.device("cpu"))
+    seen = list(batches(0))
+    hist = torch.cat([inputs[0] for inputs, _ in seen])
+    tgt = torch.cat([target for _, target in seen])
+    eager_hist, eager_tgt = next_item_splits(log, max_len=6)["train"]
+    assert len(seen) == steps and tgt.numel() == count == eager_tgt.numel()
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(config.seed * 1000))
+    assert torch.equal(hist, eager_hist[order]) and torch.equal(tgt, eager_tgt[order])
+
+
+def test_next_item_splits_build_only_the_named_splits_and_refuse_unknown_names(tmp_path):
+    path = tmp_path / "s.txt"
+    path.write_text("1 1 2 3 4\n2 5 6\n3 7 8 9\n")
+    log = read_sequences(path)
+    held_out = next_item_splits(log, max_len=3, names=("validation", "test"))
+    assert sorted(held_out) == ["test", "validation"]
+    full = next_item_splits(log, max_len=3)
+    assert all(torch.equal(held_out[k][i], full[k][i]) for k in held_out for i in (0, 1))
+    with pytest.raises(ValueError, match="unknown split"):
+        next_item_splits(log, names=("valid",))
+
+
 def test_ranking_metrics_by_hand():
     top = torch.tensor([[3, 1, 2], [0, 4, 5]])
     values, rows = torch.tensor([1, 2, 9, 7]), torch.tensor([0, 0, 0, 1])
