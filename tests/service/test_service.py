@@ -344,6 +344,10 @@ def test_several_worker_processes_serve_the_same_scores(dense_export, dense_trai
             assert status == 200, body
             np.testing.assert_allclose(body["scores"], expected, rtol=0, atol=SCORE_ATOL)
         assert len(_children(server.proc.pid)) == 2
+        # /readyz answers once the first worker listens; the second may still be loading the export.
+        deadline = time.time() + 60
+        while _listening_sockets(server.port) < 2 and time.time() < deadline:
+            time.sleep(0.1)
         assert _listening_sockets(server.port) == 2
     finally:
         server.stop()
