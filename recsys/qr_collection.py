@@ -24,6 +24,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys.configs import QRConfig
+from recsys.feature_checks import check_distinct_features, check_features_present
 
 __all__ = ["QRConfig", "QREmbeddingBagCollection"]
 
@@ -53,6 +54,7 @@ class QREmbeddingBagCollection(nn.Module):
             raise ValueError("a collection needs at least one table")
         self.qr_config = qr_config or QRConfig()
         self._configs = list(tables)
+        check_distinct_features(self._configs)
         self.collisions: dict[str, int] = {}  # composed table -> c
         self._feature_collisions: dict[str, int] = {}  # feature of a composed table -> c
         inner: list[EmbeddingBagConfig] = []
@@ -86,9 +88,7 @@ class QREmbeddingBagCollection(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         keys = features.keys()
-        missing = [f for f in self._feature_order if f not in keys]
-        if missing:
-            raise KeyError(f"the KeyedJaggedTensor lacks features {missing}")
+        check_features_present(self._feature_order, keys)
         if features.weights_or_none() is not None:
             raise ValueError(
                 "QREmbeddingBagCollection takes unweighted features (a plain EmbeddingBagCollection "

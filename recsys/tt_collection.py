@@ -19,6 +19,7 @@ from torchrec import EmbeddingBagCollection, EmbeddingBagConfig
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 from recsys.configs import TT_OPTIMIZERS, TTConfig
+from recsys.feature_checks import check_distinct_features, check_features_present
 from recsys.tt_embedding import OptimType, TableBatchedTTEmbeddingBag, TTEmbeddingBag
 
 __all__ = ["TT_OPTIMIZERS", "OptimType", "TTConfig", "TTEmbeddingBagCollection", "tt_modules", "tt_parameter_names"]
@@ -46,12 +47,7 @@ class TTEmbeddingBagCollection(nn.Module):
             raise ValueError("a collection needs at least one table")
         self.tt_config = tt_config or TTConfig()
         self._configs = list(tables)
-        seen: set[str] = set()
-        for table in self._configs:
-            dup = seen & set(table.feature_names)
-            if dup:
-                raise ValueError(f"features served by two tables: {sorted(dup)}")
-            seen |= set(table.feature_names)
+        check_distinct_features(self._configs)
         cfg = self.tt_config
         unknown = (set(cfg.tt_tables) | set(cfg.dense_tables)) - {t.name for t in self._configs}
         if unknown:
@@ -93,9 +89,7 @@ class TTEmbeddingBagCollection(nn.Module):
 
     def forward(self, features: KeyedJaggedTensor) -> KeyedTensor:
         keys = features.keys()
-        missing = [f for f in self._feature_order if f not in keys]
-        if missing:
-            raise KeyError(f"the KeyedJaggedTensor lacks features {missing}")
+        check_features_present(self._feature_order, keys)
         pooled: dict[str, torch.Tensor] = {}
         if self.dense is not None:
             index = {k: i for i, k in enumerate(keys)}
