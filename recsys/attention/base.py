@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+EVAL_HASH_SEED = 0  # the hashes every call in eval mode draws (see Attention.hash_generator)
+
 
 class Attention(nn.Module):
     """Base of the attentions: validates ``(B, H, n, d)`` inputs and a ``(B, n)`` key mask, flattens the heads.
@@ -53,6 +55,17 @@ class Attention(nn.Module):
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None) -> torch.Tensor:
         """``(N, n, d)``, ``(N, n, d)``, ``(N, n, dv)``, ``(N, n)`` bool or None -> ``(N, n, dv)``."""
         raise NotImplementedError
+
+    def hash_generator(self, device: torch.device) -> torch.Generator | None:
+        """Where a call's random hashes come from: torch's global stream in training, a fixed seed in eval.
+
+        Training draws fresh hashes every step, as Reformer, SMYRF and YOSO train. In eval mode every call
+        draws the same ones (``EVAL_HASH_SEED``), so an evaluated or served model answers the same input
+        the same way: a recommendation must not change on a retry, a reload or a second worker.
+        """
+        if self.training:
+            return None
+        return torch.Generator(device=device).manual_seed(EVAL_HASH_SEED)
 
     def extra_repr(self) -> str:
         return f"causal={self.causal}, head_dim={self.head_dim}"

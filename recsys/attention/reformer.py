@@ -60,8 +60,11 @@ class ReformerAttention(Attention):
         self.shared_qk, self.dedupe = shared_qk, dedupe
 
     def rotations(self, dim: int, n_buckets: int, like: torch.Tensor) -> torch.Tensor:
-        """The rotations of this call: fresh Gaussian ones (a subclass may learn them)."""
-        return random_rotations(dim, self.n_hashes, n_buckets, device=like.device, dtype=like.dtype)
+        """The rotations of this call: Gaussian ones, fresh in training, fixed in eval (a subclass may learn them)."""
+        generator = self.hash_generator(like.device)
+        return random_rotations(
+            dim, self.n_hashes, n_buckets, device=like.device, dtype=like.dtype, generator=generator
+        )
 
     def buckets(self, x: torch.Tensor, n_buckets: int) -> torch.Tensor:
         """``(N, R, n)`` buckets of ``x`` (``(N, n, d)``)."""

@@ -62,7 +62,8 @@ class SmyrfAttention(Attention):
         q, k, v, key_valid, n = pad_to_multiple(q, k, v, key_valid, cluster)
         with torch.no_grad():
             fq, gk, _ = asymmetric_transform(q, k, key_valid)  # (N, n, d+2)
-            alpha = torch.randn(fq.shape[-1], self.n_hashes, device=q.device, dtype=q.dtype)  # (d+2, R)
+            generator = self.hash_generator(q.device)
+            alpha = torch.randn(fq.shape[-1], self.n_hashes, device=q.device, dtype=q.dtype, generator=generator)
             q_proj = torch.einsum("Nnd,dr->Nrn", fq, alpha)  # (N, R, n)
             k_proj = torch.einsum("Nnd,dr->Nrn", gk, alpha)
             if key_valid is not None:  # padding last, for queries and keys alike

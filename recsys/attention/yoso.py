@@ -51,7 +51,8 @@ class YosoAttention(Attention):
         self.n_hashes, self.n_bits, self.normalize_output, self.block = n_hashes, n_bits, normalize_output, block
 
     def attend(self, q, k, v, key_valid):
-        planes = torch.randn(q.shape[-1], self.n_hashes, self.n_bits, device=q.device, dtype=q.dtype)  # (d, m, tau)
+        shape = (q.shape[-1], self.n_hashes, self.n_bits)  # (d, m, tau)
+        planes = torch.randn(shape, device=q.device, dtype=q.dtype, generator=self.hash_generator(q.device))
         out = yoso_attention(q, k, v, planes, key_valid=key_valid, block=self.block)  # (N, n, dv)
         return F.normalize(out, dim=-1) if self.normalize_output else out
 

@@ -162,9 +162,8 @@ class Retrieval:
     """The candidate generator of ``/v1/recommend``: history -> hidden -> ``LSHOutputLayer.topk``.
 
     The history encoder is the export's kind (:func:`history_encoder`): the position-aware mean or the
-    causal transformer, whose hidden vector is its last position's. (A transformer with ``reformer`` or
-    ``smyrf`` attention draws fresh hashes on every call, as in training, so its answers vary slightly
-    between calls; ``dense`` and ``learned_lsh`` are deterministic.)
+    causal transformer, whose hidden vector is its last position's. (In eval mode ``reformer`` and
+    ``smyrf`` draw the same hashes on every call, so every attention answers one history one way.)
 
     Item ids are those of the sequence log the next-item model trained on (1-based); class ``c``
     of the layer is item ``item_ids[c]``. Re-ranking puts an item into the DLRM's categorical

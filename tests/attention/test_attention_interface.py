@@ -102,3 +102,20 @@ def test_a_lazy_learned_lsh_loads_a_checkpoint_before_its_first_call():
     fresh.load_state_dict(trained.state_dict())
     torch.testing.assert_close(fresh.hash_rotations, trained.hash_rotations, rtol=0, atol=0)
     torch.testing.assert_close(fresh.eval()(q, k, v), trained.eval()(q, k, v), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["reformer", "smyrf", "yoso"])
+def test_random_hashes_are_fresh_in_training_and_fixed_in_eval(name):
+    """Training draws new hashes every call (as the methods train); eval mode draws the same ones every call,
+    whatever torch's global stream did in between, so a served model answers one input one way."""
+    q, k, v = _qkv(n=128, seed=3)
+    attn = build(name, bucket_size=16, n_hashes=2).double()
+    a, b = attn(q, k, v), attn(q, k, v)
+    assert not torch.equal(a, b)  # fresh hashes: buckets of 16 in 128 positions differ between draws
+    attn.eval()
+    first = attn(q, k, v)
+    torch.rand(1000)  # move the global stream: eval must not read it
+    torch.testing.assert_close(attn(q, k, v), first, rtol=0, atol=0)
+    torch.testing.assert_close(build(name, bucket_size=16, n_hashes=2).double().eval()(q, k, v), first, rtol=0, atol=0)
+    dense = build("dense")(q, k, v)
+    assert (first - dense).abs().max() > 1e-6  # still the approximation (16 of 128 per bucket), not dense
