@@ -16,11 +16,10 @@ def check_distinct_features(tables: Sequence[EmbeddingBagConfig]) -> None:
     """Refuse a feature that two tables (or one table twice) name."""
     seen: set[str] = set()
     for table in tables:
-        names = list(table.feature_names)
-        dup = (seen & set(names)) | {f for f in names if names.count(f) > 1}
-        if dup:
-            raise ValueError(f"features served by two tables: {sorted(dup)} (table {table.name!r})")
-        seen |= set(names)
+        for feature in table.feature_names:
+            if feature in seen:
+                raise ValueError(f"features served by two tables: [{feature!r}] (table {table.name!r})")
+            seen.add(feature)
 
 
 def check_features_present(expected: Sequence[str], keys: Iterable[str]) -> None:
