@@ -91,11 +91,10 @@ class TTEmbeddingBagCollection(nn.Module):
         keys = features.keys()
         check_features_present(self._feature_order, keys)
         pooled: dict[str, torch.Tensor] = {}
+        index = {k: i for i, k in enumerate(keys)}
         if self.dense is not None:
-            index = {k: i for i, k in enumerate(keys)}
             dense_kjt = features.permute([index[f] for f in self._dense_features])
             pooled.update(self.dense(dense_kjt).to_dict())
-        index = {k: i for i, k in enumerate(keys)}
         for group, members in self._group_features.items():
             pooled.update(self._lookup_group(self.tt_groups[group], features, index, members))
         return KeyedTensor.from_tensor_list(self._feature_order, [pooled[f] for f in self._feature_order])
