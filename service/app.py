@@ -39,7 +39,12 @@ def create_app(settings: Settings) -> FastAPI:
     metrics = ServiceMetrics()
     store = ModelStore(settings.model, metrics)
     batcher = MicroBatcher(
-        settings.max_batch_rows, settings.max_wait_ms, settings.max_queue, metrics, deadline_ms=settings.deadline_ms
+        settings.max_batch_rows,
+        settings.max_wait_ms,
+        settings.max_queue,
+        metrics,
+        deadline_ms=settings.deadline_ms,
+        loop_forward_rows=settings.loop_forward_rows,
     )
 
     @asynccontextmanager

@@ -48,6 +48,13 @@ class Settings(BaseSettings):
         ge=0,
         description="how long a forward pass waits for more requests once one is queued (0: take what is queued)",
     )
+    loop_forward_rows: int = Field(
+        1024,
+        ge=0,
+        description="forward passes of at most this many rows run on the event loop's thread (no thread hand-over: "
+        "lower latency for rank and small score requests); larger ones on a forward thread while the loop keeps "
+        "reading requests (0: every pass on the forward thread)",
+    )
     max_in_flight: int = Field(
         32,
         ge=1,

@@ -275,8 +275,10 @@ def test_not_ready_is_a_503_with_retry_after(dense_export):
 
 
 def test_a_full_queue_is_a_503_and_the_queued_requests_are_served(dense_export, dense_trainer, tmp_path):
-    """max_queue=1 and the forward pass held: one request in the pass, one queued, the third refused."""
-    with TestClient(create_app(Settings(model=dense_export, max_queue=1))) as client:
+    """max_queue=1 and the forward pass held: one request in the pass, one queued, the third refused.
+
+    loop_forward_rows=0: the held pass is on the forward thread, so the loop goes on taking requests."""
+    with TestClient(create_app(Settings(model=dense_export, max_queue=1, loop_forward_rows=0))) as client:
         model = client.app.state.store.current
         gate, entered = threading.Event(), threading.Event()
         predict = model.predict

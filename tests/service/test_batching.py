@@ -119,7 +119,9 @@ def queued_behind_a_held_pass(max_batch_rows: int, requests: list[tuple[int, boo
     metrics = ServiceMetrics()
 
     async def scenario():
-        batcher = MicroBatcher(max_batch_rows=max_batch_rows, max_wait_ms=0, max_queue=16, metrics=metrics)
+        batcher = MicroBatcher(
+            max_batch_rows=max_batch_rows, max_wait_ms=0, loop_forward_rows=0, max_queue=16, metrics=metrics
+        )
         async with running(batcher):
             try:
                 first = await hold_a_pass(batcher, model, 2)
@@ -163,7 +165,9 @@ def test_requests_of_two_models_never_share_a_pass():
     old, new = RecordingModel("old", log, gate), RecordingModel("new", log, gate)
 
     async def scenario():
-        async with running(MicroBatcher(max_batch_rows=100, max_wait_ms=0, max_queue=16)) as batcher:
+        async with running(
+            MicroBatcher(max_batch_rows=100, max_wait_ms=0, loop_forward_rows=0, max_queue=16)
+        ) as batcher:
             try:
                 first = await hold_a_pass(batcher, old, 1)
                 jobs = [(old, encoded_rows(2)), (old, encoded_rows(3)), (new, encoded_rows(4)), (old, encoded_rows(5))]
@@ -248,7 +252,9 @@ def test_a_full_queue_refuses_the_next_request_and_the_queued_ones_are_still_sco
     metrics = ServiceMetrics()
 
     async def scenario():
-        async with running(MicroBatcher(max_batch_rows=64, max_wait_ms=0, max_queue=2, metrics=metrics)) as batcher:
+        async with running(
+            MicroBatcher(max_batch_rows=64, max_wait_ms=0, loop_forward_rows=0, max_queue=2, metrics=metrics)
+        ) as batcher:
             try:
                 first = await hold_a_pass(batcher, model, 1)
                 inputs = [encoded_rows(2), encoded_rows(3)]
@@ -280,7 +286,9 @@ def test_a_request_past_its_deadline_is_answered_not_scored_and_the_others_are_s
     deadline_ms = 50.0
 
     async def scenario():
-        batcher = MicroBatcher(max_batch_rows=64, max_wait_ms=0, max_queue=8, metrics=metrics, deadline_ms=deadline_ms)
+        batcher = MicroBatcher(
+            max_batch_rows=64, max_wait_ms=0, loop_forward_rows=0, max_queue=8, metrics=metrics, deadline_ms=deadline_ms
+        )
         async with running(batcher):
             try:
                 first = await hold_a_pass(batcher, model, 1)  # started: the deadline no longer applies to it
@@ -308,7 +316,9 @@ def test_without_a_deadline_a_request_waits_as_long_as_it_takes():
     model = RecordingModel(gate=gate)
 
     async def scenario():
-        async with running(MicroBatcher(max_batch_rows=64, max_wait_ms=0, max_queue=8, deadline_ms=0)) as batcher:
+        async with running(
+            MicroBatcher(max_batch_rows=64, max_wait_ms=0, loop_forward_rows=0, max_queue=8, deadline_ms=0)
+        ) as batcher:
             try:
                 first = await hold_a_pass(batcher, model, 1)
                 waiting = asyncio.create_task(batcher.score(model, *encoded_rows(2)))
@@ -327,7 +337,7 @@ def test_a_failed_pass_fails_its_own_callers_only_and_the_batcher_keeps_serving(
     broken.error = RuntimeError("the forward pass broke")
 
     async def scenario():
-        async with running(MicroBatcher(max_batch_rows=64, max_wait_ms=0, max_queue=8)) as batcher:
+        async with running(MicroBatcher(max_batch_rows=64, max_wait_ms=0, loop_forward_rows=0, max_queue=8)) as batcher:
             try:
                 first = await hold_a_pass(batcher, healthy, 1)
                 jobs = [(broken, encoded_rows(2)), (broken, encoded_rows(3)), (healthy, encoded_rows(4))]
@@ -352,7 +362,7 @@ def test_a_caller_that_went_away_is_not_scored_and_the_batcher_goes_on():
     model = RecordingModel(gate=gate)
 
     async def scenario():
-        async with running(MicroBatcher(max_batch_rows=64, max_wait_ms=0, max_queue=8)) as batcher:
+        async with running(MicroBatcher(max_batch_rows=64, max_wait_ms=0, loop_forward_rows=0, max_queue=8)) as batcher:
             try:
                 first = await hold_a_pass(batcher, model, 2)
                 gone = asyncio.create_task(batcher.score(model, *encoded_rows(3)))
@@ -381,7 +391,7 @@ def test_passes_and_calls_run_one_at_a_time_on_the_forward_thread():
         return a + b, model.in_forward, threading.current_thread().name
 
     async def scenario():
-        async with running(MicroBatcher(max_batch_rows=64, max_wait_ms=0, max_queue=8)) as batcher:
+        async with running(MicroBatcher(max_batch_rows=64, max_wait_ms=0, loop_forward_rows=0, max_queue=8)) as batcher:
             try:
                 first = await hold_a_pass(batcher, model, 2)
                 call = asyncio.create_task(batcher.call(retrieval, 3, 4))
@@ -395,6 +405,67 @@ def test_passes_and_calls_run_one_at_a_time_on_the_forward_thread():
     total, during_a_pass, thread = asyncio.run(scenario())
     assert total == 7 and not during_a_pass
     assert thread.startswith("forward_") and all(name == thread for name in model.threads)
+
+
+def test_small_passes_run_on_the_loop_thread_and_larger_ones_on_the_forward_thread():
+    """``loop_forward_rows``: a pass of at most that many rows runs on the event loop's thread, a larger one on the
+    forward thread; both give every caller its own scores, and 0 sends every pass to the forward thread."""
+    model = RecordingModel()
+
+    async def scenario(loop_forward_rows: int, sizes: list[int]) -> None:
+        batcher = MicroBatcher(max_batch_rows=64, max_wait_ms=0, max_queue=8, loop_forward_rows=loop_forward_rows)
+        async with running(batcher):
+            for n in sizes:
+                rows = encoded_rows(n)
+                np.testing.assert_array_equal(await result(batcher.score(model, *rows)), row_scores(*rows))
+            # two requests of 5 rows merged: the pass's rows (10) decide, not each request's
+            merged = [encoded_rows(5), encoded_rows(5)]
+            answers = await asyncio.gather(*(result(batcher.score(model, *rows)) for rows in merged))
+            for rows, answer in zip(merged, answers, strict=True):
+                np.testing.assert_array_equal(answer, row_scores(*rows))
+
+    asyncio.run(scenario(8, [1, 8, 9]))
+    loop_thread = threading.current_thread().name  # asyncio.run runs its loop on this thread
+    assert model.log == [("a", 1), ("a", 8), ("a", 9), ("a", 10)]
+    assert model.threads[:2] == [loop_thread] * 2
+    assert all(name.startswith("forward_") for name in model.threads[2:]), model.threads
+    model.threads.clear()
+    asyncio.run(scenario(0, [1]))
+    assert all(name.startswith("forward_") for name in model.threads), model.threads
+
+
+def test_a_pass_on_the_loop_thread_waits_for_a_call_on_the_forward_thread():
+    """A small pass (on the loop's thread) never runs while ``call`` (retrieval) runs on the forward thread."""
+    gate = threading.Event()
+    model = RecordingModel()
+    in_call = threading.Event()
+    passes_during_the_call = []
+
+    def retrieval() -> str:
+        in_call.set()
+        try:
+            assert gate.wait(WAIT_S), "the test never opened the gate"
+            return "retrieved"
+        finally:
+            passes_during_the_call.append(len(model.log))
+            in_call.clear()
+
+    async def scenario():
+        async with running(MicroBatcher(max_batch_rows=64, max_wait_ms=0, max_queue=8)) as batcher:
+            call = asyncio.create_task(batcher.call(retrieval))
+            assert await asyncio.to_thread(in_call.wait, WAIT_S), "the call never started"
+            rows = encoded_rows(2)
+            scored = asyncio.create_task(batcher.score(model, *rows))
+            try:
+                await asyncio.sleep(0.1)
+                assert not scored.done() and model.log == []  # the pass waits for the call
+            finally:
+                gate.set()
+            assert await result(call) == "retrieved"
+            np.testing.assert_array_equal(await result(scored), row_scores(*rows))
+
+    asyncio.run(scenario())
+    assert passes_during_the_call == [0] and model.log == [("a", 2)]
 
 
 def test_start_and_stop():
