@@ -594,6 +594,23 @@ class TTEmbeddingBag(nn.Module):
             inverse, values, offsets, mode=self.mode, per_sample_weights=per_sample_weights, include_last_offset=True
         )
 
+    @torch.no_grad()
+    def rows_for_inference(self, rows: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` global row ids -> their ``(n, D)`` rows (cache first, then cores), unchecked.
+
+        What a bag of one id pools to, for scoring: :meth:`lookup_global` without what training needs
+        (no bag offsets, no pooling, no hit counting), so a served request pays fewer small operators.
+        """
+        unique, inverse = torch.unique(rows, return_inverse=True)
+        if self.use_cache:
+            values = self._rows_with_cache(unique, *cache_lookup(self.cache_rows, unique))
+        elif unique.numel():
+            cores = [c.detach() for c in self.tt_cores]
+            values = tt_forward(cores, self.layout.build_tree(unique), self.tt_q_shapes)[0]
+        else:
+            values = self.tt_cores[0].new_zeros((0, self.embedding_dim))
+        return values.index_select(0, inverse)
+
     def _rows_with_cache(self, unique, hit, slot) -> torch.Tensor:
         cores = [c.detach() for c in self.tt_cores]
         rows = self.cache_weight.new_empty((unique.numel(), self.embedding_dim))

@@ -152,14 +152,53 @@ class _DCNInteraction(nn.Module):
         return self.crossnet(torch.cat((dense.unsqueeze(1), sparse), dim=1).reshape(dense.shape[0], -1))
 
 
+def _out_of_range(tables: Sequence[str], rows: torch.Tensor, ids: torch.Tensor, columns: torch.Tensor) -> None:
+    """Raise ``IndexError`` naming the table of the first id outside its table (the gathers do not bound-check)."""
+    outside = (ids < 0) | (ids >= rows.index_select(0, columns))
+    if bool(outside.any()):
+        k = int(outside.nonzero()[0, 0])
+        table = int(columns[k])
+        raise IndexError(f"{tables[table]}: id {int(ids[k])} outside its {int(rows[table])} rows")
+
+
 class DenseTables(nn.Module):
-    """Plain tables, keyed as torchrec's ``EmbeddingBagCollection`` keys them (``embedding_bags.t_<feature>``)."""
+    """Plain tables, keyed as torchrec's ``EmbeddingBagCollection`` keys them (``embedding_bags.t_<feature>``).
+
+    Every table's weight is a view of one stacked tensor, so the rows of any mix of tables are one
+    gather (a rank request asks 16 tables at once: one operator, not 16). Loading a state dict copies
+    into the views; whatever replaces a weight instead (``.to()``, ``assign=True``) is noticed and the
+    stack rebuilt from the weights as they are.
+    """
 
     def __init__(self, vocab_sizes: Mapping[str, int], embedding_dim: int) -> None:
         super().__init__()
+        sizes = [int(rows) for rows in vocab_sizes.values()]
+        stacked = nn.init.normal_(torch.empty(sum(sizes), embedding_dim))  # nn.EmbeddingBag's own initialisation
         self.embedding_bags = nn.ModuleDict(
-            {f"t_{f}": nn.EmbeddingBag(int(rows), embedding_dim, mode="sum") for f, rows in vocab_sizes.items()}
+            {
+                f"t_{f}": nn.EmbeddingBag(rows, embedding_dim, mode="sum", _weight=part)
+                for (f, rows), part in zip(vocab_sizes.items(), stacked.split(sizes), strict=True)
+            }
         )
+        self.tables = list(self.embedding_bags)
+        self.register_buffer("_rows", torch.tensor(sizes, dtype=torch.int64), False)
+        self.register_buffer("_start", torch.tensor([0, *itertools.accumulate(sizes)][:-1], dtype=torch.int64), False)
+        self._stacked, self._views = stacked, self._weight_pointers()
+
+    def _weight_pointers(self) -> list[int]:
+        return [bag.weight.data_ptr() for bag in self.embedding_bags.values()]
+
+    def stacked_weight(self) -> torch.Tensor:
+        """``(sum of rows, D)``: every table's rows in column order, the tables' weights viewing it."""
+        if self._weight_pointers() != self._views:
+            weights = [bag.weight.detach() for bag in self.embedding_bags.values()]
+            self._stacked = torch.cat(weights)
+            for bag, part in zip(
+                self.embedding_bags.values(), self._stacked.split([len(w) for w in weights]), strict=True
+            ):
+                bag.weight.data = part
+            self._views = self._weight_pointers()
+        return self._stacked
 
     def table_report(self) -> dict[str, dict]:
         """Per table: kind, rows, bytes (float32) and bytes as a dense table (the same here)."""
@@ -169,14 +208,13 @@ class DenseTables(nn.Module):
             for name, bag in self.embedding_bags.items()
         }
 
-    def lookup(self, table: str, ids: torch.Tensor) -> torch.Tensor:
-        """``(B,)`` ids -> ``(B, D)``: a bag of one id is its row."""
-        return F.embedding(ids, self.embedding_bags[table].weight)
+    def lookup(self, ids: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` ids, ``(n,)`` the table (column) of each -> ``(n, D)``: a bag of one id is its row."""
+        _out_of_range(self.tables, self._rows, ids, columns)
+        return self.lookup_unchecked(ids, columns)
 
-    def rows_of(self, lookups: Sequence[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
-        """``(column, ids (n,))`` pairs -> the ``(n, D)`` rows of each."""
-        names = list(self.embedding_bags)
-        return [self.lookup(names[c], ids) for c, ids in lookups]
+    def lookup_unchecked(self, ids: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids + self._start.index_select(0, columns), self.stacked_weight())
 
 
 class TTTables(nn.Module):
@@ -199,9 +237,16 @@ class TTTables(nn.Module):
         rest = {t.removeprefix("t_"): sizes[t] for t in self.tables if t not in self.tt_index}
         self.dense = DenseTables(rest, embedding_dim) if rest else None
         self.register_buffer("_rows", torch.tensor([sizes[t] for t in self.tables], dtype=torch.int64), False)
-        # per column, the global row of its table's row 0 in the TT group (-1: not a TT table), as Python ints
+        # per column: whether it is TT, and its table's row 0 among the TT group's global rows or the dense tables
         tt_start = dict(zip(tt, itertools.accumulate((sizes[t] for t in tt), initial=0), strict=False))
-        self._column_tt_start = [tt_start.get(t, -1) for t in self.tables]
+        dense_index = {t: k for k, t in enumerate(t for t in self.tables if t not in self.tt_index)}
+        self.register_buffer("_is_tt", torch.tensor([t in self.tt_index for t in self.tables]), False)
+        self.register_buffer(
+            "_tt_start", torch.tensor([tt_start.get(t, 0) for t in self.tables], dtype=torch.int64), False
+        )
+        self.register_buffer(
+            "_dense_column", torch.tensor([dense_index.get(t, 0) for t in self.tables], dtype=torch.int64), False
+        )
 
     def table_report(self) -> dict[str, dict]:
         """Per table in column order: kind, rows, bytes (TT: its cores), dense bytes, TT shapes and ranks."""
@@ -223,36 +268,26 @@ class TTTables(nn.Module):
             }
         return report
 
-    def rows_of(self, lookups: Sequence[tuple[int, torch.Tensor]]) -> list[torch.Tensor]:
-        """``(column, ids (n,))`` pairs -> the ``(n, D)`` rows of each; every TT one in a single lookup.
+    def lookup(self, ids: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """``(n,)`` ids, ``(n,)`` the table (column) of each -> ``(n, D)``; every TT one in a single lookup.
 
-        One lookup, not one per table or per call: the TT path's fixed cost (deduplication, cache
-        search, the kernel's set-up) is paid once, and rows asked twice are computed once.
+        One lookup for all: the TT path's fixed cost (deduplication, cache search, the kernel's set-up)
+        is paid once and rows asked twice are computed once; the dense tables' rows are one gather.
         """
-        columns = [c for c, _ in lookups]
-        values = torch.cat([ids for _, ids in lookups])
-        sizes = torch.tensor([len(ids) for _, ids in lookups], device=values.device)
-        outside = (values < 0) | (values >= self._rows[columns].repeat_interleave(sizes))
-        if bool(outside.any()):  # the TT kernels do not bound-check
-            for c, ids in lookups:
-                bad = ids[(ids < 0) | (ids >= self._rows[c])]
-                if len(bad):
-                    raise IndexError(f"{self.tables[c]}: id {int(bad[0])} outside its {int(self._rows[c])} rows")
-        start = [self._column_tt_start[c] for c in columns]  # -1: a dense table
-        rows: list[torch.Tensor | None] = [None] * len(lookups)
-        if max(start) >= 0:
-            per_value = torch.tensor(start, device=values.device).repeat_interleave(sizes)
-            global_rows = (values + per_value)[per_value >= 0]
-            offsets = torch.arange(len(global_rows) + 1, device=values.device)  # one id per bag
-            found = self.tt_groups[TT_GROUP].lookup_global(global_rows, offsets, None)
-            tt_rows = iter(
-                found.split([len(ids) for (_, ids), first in zip(lookups, start, strict=True) if first >= 0])
-            )
-            rows = [next(tt_rows) if first >= 0 else None for first in start]
-        return [
-            found_rows if found_rows is not None else self.dense.lookup(self.tables[c], ids)
-            for found_rows, (c, ids) in zip(rows, lookups, strict=True)
-        ]
+        _out_of_range(self.tables, self._rows, ids, columns)
+        if self.dense is None:
+            return self._tt_rows(ids, columns)
+        if not self.tt_index:
+            return self.dense.lookup_unchecked(ids, self._dense_column.index_select(0, columns))
+        is_tt = self._is_tt.index_select(0, columns)
+        rows = ids.new_empty((len(ids), self.embedding_dim), dtype=self.dense.stacked_weight().dtype)
+        rows[is_tt] = self._tt_rows(ids[is_tt], columns[is_tt])
+        dense = ~is_tt
+        rows[dense] = self.dense.lookup_unchecked(ids[dense], self._dense_column.index_select(0, columns[dense]))
+        return rows
+
+    def _tt_rows(self, ids: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        return self.tt_groups[TT_GROUP].rows_for_inference(ids + self._tt_start.index_select(0, columns))
 
 
 class _Table:
@@ -269,7 +304,21 @@ class _SparseArch(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         """``(B, F)`` ids -> ``(B, F, D)``."""
-        return torch.stack(self.embedding_bag_collection.rows_of(list(enumerate(ids.t()))), dim=1)
+        (embedded,) = self.embed([(ids, None)])
+        return embedded
+
+    def embed(self, parts: Sequence[tuple[torch.Tensor, Sequence[int] | None]]) -> list[torch.Tensor]:
+        """``(ids (n, k), the k columns they are of, or None: all)`` per part -> ``(n, k, D)`` each, in one lookup."""
+        tables = self.embedding_bag_collection
+        flat, columns = [], []
+        for ids, of in parts:
+            which = torch.arange(ids.shape[1]) if of is None else torch.tensor(of, dtype=torch.int64)
+            flat.append(ids.reshape(-1))
+            columns.append(which.to(ids.device).expand(ids.shape).reshape(-1))
+        found = tables.lookup(torch.cat(flat), torch.cat(columns))
+        return [
+            rows.view(*ids.shape, -1) for rows, (ids, _) in zip(found.split([len(f) for f in flat]), parts, strict=True)
+        ]
 
 
 class InferenceDLRM(nn.Module):
@@ -329,10 +378,9 @@ class InferenceDLRM(nn.Module):
         varying_columns = (ids != first_ids.index_select(0, owner)).any(0).nonzero().flatten().tolist()
         dense_varies = bool((dense != first_dense.index_select(0, owner)).any())
         x_first = self.dense_arch(first_dense)
-        tables = self.sparse_arch.embedding_bag_collection
-        first_columns = list(enumerate(first_ids.t()))
-        found = tables.rows_of(first_columns + [(c, ids[:, c]) for c in varying_columns])
-        shared = torch.cat((x_first.unsqueeze(1), torch.stack(found[: self.num_sparse], dim=1)), dim=1)  # (R, F+1, D)
+        parts = [(first_ids, None)] + ([(ids[:, varying_columns], varying_columns)] if varying_columns else [])
+        found = self.sparse_arch.embed(parts)
+        shared = torch.cat((x_first.unsqueeze(1), found[0]), dim=1)  # (R, F+1, D)
         if not varying_columns and not dense_varies:  # every row is its group's first
             return self.over_arch(self.inter_arch(x_first, shared[:, 1:])).index_select(0, owner)
 
@@ -341,7 +389,7 @@ class InferenceDLRM(nn.Module):
         if dense_varies:
             combined[:, 0] = self.dense_arch(dense)
         if varying_columns:
-            combined[:, [c + 1 for c in varying_columns]] = torch.stack(found[self.num_sparse :], dim=1)
+            combined[:, [c + 1 for c in varying_columns]] = found[1]
         if not isinstance(self.inter_arch, _DotInteraction):  # the cross net mixes every vector: no shared part
             return self.over_arch(self.inter_arch.crossnet(combined.reshape(len(combined), -1)))
 

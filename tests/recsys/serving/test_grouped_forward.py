@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from recsys.configs import DLRMConfig, TTConfig
-from recsys.serving.dlrm import InferenceDLRM
+from recsys.serving.dlrm import TT_GROUP, DenseTables, InferenceDLRM
 
 VOCAB = {"C1": 40, "C2": 3_000, "C3": 7, "C4": 1_500, "C5": 900}  # TT (threshold 100): C2, C4, C5
 NUM_DENSE = 5
@@ -122,19 +122,50 @@ def test_the_table_of_varying_pairs_stays_bounded():
 
 @pytest.mark.parametrize("tt", [None, TT], ids=["dense tables", "tt tables"])
 def test_lookups_reach_the_first_and_last_row_of_each_table_and_refuse_one_past(tt):
-    """Row 0 (a missing value) and the last row of every table, asked column by column and all together (the
-    first TT table alone too: its rows start the group's global ids at 0), equal the plain forward's rows."""
+    """Row 0 (a missing value) and the last row of every table, asked column by column, all together and in a
+    shuffled mix of columns (the first TT table alone too: its rows start the group's global ids at 0), equal
+    the rows of each table's own weight (dense) or of the TT group's pooled lookup; one past the end and -1 are
+    refused naming the table."""
     model = _model("dot", tt)
     tables = model.sparse_arch.embedding_bag_collection
     edges = torch.tensor([[0] * len(VOCAB), [v - 1 for v in VOCAB.values()]])
-    whole = model.sparse_arch(edges)  # (2, F, D)
+    expected = torch.stack([_reference_rows(model, c, edges[:, c]) for c in range(len(VOCAB))], dim=1)  # (2, F, D)
+    torch.testing.assert_close(model.sparse_arch(edges), expected, rtol=0, atol=0)
     for c in range(len(VOCAB)):
-        (alone,) = tables.rows_of([(c, edges[:, c])])
-        torch.testing.assert_close(alone, whole[:, c])
-    both = tables.rows_of([(c, edges[:, c]) for c in range(len(VOCAB))])
-    torch.testing.assert_close(torch.stack(both, dim=1), whole)
-    for c, rows in enumerate(VOCAB.values()):  # dense tables: torch's own index error
-        with pytest.raises(IndexError, match=f"t_C{c + 1}: id {rows} outside its {rows} rows" if tt else "range"):
-            tables.rows_of([(c, torch.tensor([0, rows]))])
-        with pytest.raises(IndexError, match=f"t_C{c + 1}: id -1 outside" if tt else "range"):
-            tables.rows_of([(c, torch.tensor([-1]))])
+        (alone,) = model.sparse_arch.embed([(edges[:, [c]], [c])])
+        torch.testing.assert_close(alone[:, 0], expected[:, c], rtol=0, atol=0)
+    order = torch.randperm(2 * len(VOCAB), generator=torch.Generator().manual_seed(3))
+    columns = torch.arange(len(VOCAB)).repeat(2)[order]
+    mixed = tables.lookup(edges.reshape(-1)[order], columns)
+    torch.testing.assert_close(mixed, expected.reshape(-1, expected.shape[-1])[order], rtol=0, atol=0)
+    for c, rows in enumerate(VOCAB.values()):
+        for bad in (rows, -1):
+            with pytest.raises(IndexError, match=f"t_C{c + 1}: id {bad} outside its {rows} rows"):
+                tables.lookup(torch.tensor([0, bad]), torch.tensor([c, c]))
+
+
+def _reference_rows(model, column: int, ids: torch.Tensor) -> torch.Tensor:
+    """The rows of ``ids`` in table ``column`` read the long way: the dense table's own ``nn.EmbeddingBag``, or the
+    TT group's training lookup (bags of one id pooled, with the cache) of the table's global rows."""
+    tables = model.sparse_arch.embedding_bag_collection
+    name = f"t_C{column + 1}"
+    dense = tables if isinstance(tables, DenseTables) else tables.dense
+    if dense is not None and name in dense.embedding_bags:
+        return dense.embedding_bags[name](ids.unsqueeze(1))
+    group = tables.tt_groups[TT_GROUP]
+    start = sum(group.table_num_embeddings[: tables.tt_index[name]])
+    with torch.no_grad():
+        return group.lookup_global(ids + start, torch.arange(len(ids) + 1), None)
+
+
+def test_dense_tables_rebuild_their_stack_when_a_weight_is_replaced():
+    """The one gather reads the tables' weights as they are: after ``load_state_dict(assign=True)`` put new tensors
+    in place of the views, lookups return the new rows."""
+    tables = DenseTables({"C1": 5, "C2": 7}, 4)
+    state = {k: torch.randn_like(v) for k, v in tables.state_dict().items()}
+    tables.load_state_dict(state, assign=True)
+    ids, columns = torch.tensor([4, 0, 6, 2]), torch.tensor([0, 1, 1, 0])
+    expected = torch.stack([state[f"embedding_bags.t_C{c + 1}.weight"][i] for i, c in zip(ids, columns, strict=True)])
+    torch.testing.assert_close(tables.lookup(ids, columns), expected, rtol=0, atol=0)
+    tables.load_state_dict({k: v + 1 for k, v in state.items()})  # copied into the views of the rebuilt stack
+    torch.testing.assert_close(tables.lookup(ids, columns), expected + 1, rtol=0, atol=0)
