@@ -19,6 +19,7 @@ from recsys.serving.dlrm import TT_GROUP, DenseTables, InferenceDLRM
 VOCAB = {"C1": 40, "C2": 3_000, "C3": 7, "C4": 1_500, "C5": 900}  # TT (threshold 100): C2, C4, C5
 NUM_DENSE = 5
 TT = TTConfig(ranks=(3, 5), threshold=100, cache_size=20)
+TT_NO_CACHE = TTConfig(ranks=(3, 5), threshold=100, cache_size=0)
 
 
 def _model(interaction: str, tt: TTConfig | None) -> InferenceDLRM:
@@ -120,7 +121,7 @@ def test_the_table_of_varying_pairs_stays_bounded():
     assert max(sizes) == 256 and sizes[-1] < 256
 
 
-@pytest.mark.parametrize("tt", [None, TT], ids=["dense tables", "tt tables"])
+@pytest.mark.parametrize("tt", [None, TT, TT_NO_CACHE], ids=["dense tables", "tt tables", "tt tables, no cache"])
 def test_lookups_reach_the_first_and_last_row_of_each_table_and_refuse_one_past(tt):
     """Row 0 (a missing value) and the last row of every table, asked column by column, all together and in a
     shuffled mix of columns (the first TT table alone too: its rows start the group's global ids at 0), equal
