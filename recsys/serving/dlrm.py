@@ -280,10 +280,11 @@ class TTTables(nn.Module):
         if not self.tt_index:
             return self.dense.lookup_unchecked(ids, self._dense_column.index_select(0, columns))
         is_tt = self._is_tt.index_select(0, columns)
-        rows = ids.new_empty((len(ids), self.embedding_dim), dtype=self.dense.stacked_weight().dtype)
-        rows[is_tt] = self._tt_rows(ids[is_tt], columns[is_tt])
         dense = ~is_tt
-        rows[dense] = self.dense.lookup_unchecked(ids[dense], self._dense_column.index_select(0, columns[dense]))
+        dense_rows = self.dense.lookup_unchecked(ids[dense], self._dense_column.index_select(0, columns[dense]))
+        rows = dense_rows.new_empty((len(ids), self.embedding_dim))
+        rows[dense] = dense_rows
+        rows[is_tt] = self._tt_rows(ids[is_tt], columns[is_tt])
         return rows
 
     def _tt_rows(self, ids: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
