@@ -92,14 +92,17 @@ class _TTCachedRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, module: TTEmbeddingBag, unique, hit, slot, *cores):
-        miss = ~hit
-        tree = module.layout.build_tree(unique[miss])
+        hits, misses = _positions(hit)
+        tree = module.layout.build_tree(unique.index_select(0, misses))
         rows = module.cache_weight.new_empty((unique.numel(), module.embedding_dim))
         partials = None
         if tree.rows.numel():
-            rows[miss], partials = tt_forward(list(cores), tree, module.tt_q_shapes)
-        rows[hit] = module.cache_weight[slot[hit]]
-        ctx.module, ctx.tree, ctx.partials, ctx.hit, ctx.slot = module, tree, partials, hit, slot
+            cold, partials = tt_forward(list(cores), tree, module.tt_q_shapes)
+            rows.index_copy_(0, misses, cold)
+        hit_slots = slot.index_select(0, hits)
+        rows.index_copy_(0, hits, module.cache_weight.index_select(0, hit_slots))
+        ctx.module, ctx.tree, ctx.partials = module, tree, partials
+        ctx.hits, ctx.misses, ctx.hit_slots = hits, misses, hit_slots
         ctx.save_for_backward(*cores)
         return rows
 
@@ -107,15 +110,26 @@ class _TTCachedRows(torch.autograd.Function):
     def backward(ctx, grad_rows: torch.Tensor):
         module: TTEmbeddingBag = ctx.module
         cores = [c.detach() for c in ctx.saved_tensors]
-        hit = ctx.hit
         if ctx.partials is not None:
-            grads = tt_backward(cores, ctx.tree, ctx.partials, grad_rows[~hit].contiguous(), module.tt_q_shapes)
+            cold = grad_rows.index_select(0, ctx.misses)
+            grads = tt_backward(cores, ctx.tree, ctx.partials, cold, module.tt_q_shapes)
         else:
             grads = [_no_gradient(c) for c in cores]
         module._fused_update(module._sync(grads, cores))
-        cached = CoreGradient(rows=ctx.slot[hit], values=grad_rows[hit])
+        cached = CoreGradient(rows=ctx.hit_slots, values=grad_rows.index_select(0, ctx.hits))
         module._cache_update(module._sync([cached], [module.cache_weight])[0])
         return (None, None, None, None, *([None] * len(cores)))
+
+
+def _positions(hit: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where ``hit`` is true and where it is false, as index vectors.
+
+    Why not boolean masks: ``rows[mask]`` and ``cache_weight[slot[mask]]`` go through the generic
+    ``aten::index`` kernel, element by element; ``index_select`` / ``index_copy_`` move whole rows.
+    Measured at the FBTT configuration, one thread: gathering 4,000 rows of a 110,000-row cache
+    154 -> 29 us, a masked (5,427, 64) gather 94 -> 31 us. The same values, moved differently.
+    """
+    return hit.nonzero().squeeze(1), (~hit).nonzero().squeeze(1)
 
 
 def _resolve_shapes(
@@ -581,7 +595,7 @@ class TTEmbeddingBag(nn.Module):
                 self._count(unique, inverse)
             hit, slot = cache_lookup(self.cache_rows, unique)
             self.cache_lookups += rows.numel()
-            self.cache_hits += int(hit[inverse].sum())
+            self.cache_hits += int(hit.index_select(0, inverse).sum())
             if torch.is_grad_enabled():
                 values = _TTCachedRows.apply(self, unique, hit, slot, *self.tt_cores)
             else:
@@ -614,9 +628,11 @@ class TTEmbeddingBag(nn.Module):
     def _rows_with_cache(self, unique, hit, slot) -> torch.Tensor:
         cores = [c.detach() for c in self.tt_cores]
         rows = self.cache_weight.new_empty((unique.numel(), self.embedding_dim))
-        if not bool(hit.all()):
-            rows[~hit] = tt_forward(cores, self.layout.build_tree(unique[~hit]), self.tt_q_shapes)[0]
-        rows[hit] = self.cache_weight[slot[hit]]
+        hits, misses = _positions(hit)
+        if misses.numel():
+            tree = self.layout.build_tree(unique.index_select(0, misses))
+            rows.index_copy_(0, misses, tt_forward(cores, tree, self.tt_q_shapes)[0])
+        rows.index_copy_(0, hits, self.cache_weight.index_select(0, slot.index_select(0, hits)))
         return rows
 
     @torch.no_grad()
