@@ -331,7 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--model", type=Path, required=True, help="export directory (pipelines.export)")
     p.add_argument("--duration", type=float, default=5.0, help="measured seconds per point")
-    p.add_argument("--warmup", type=float, default=1.0, help="unmeasured seconds before each point")
+    p.add_argument(
+        "--warmup",
+        type=float,
+        default=1.0,
+        help="unmeasured seconds before each point (the open loop of --overload too)",
+    )
     p.add_argument("--concurrency", default="1,8,32", help="comma-separated numbers of concurrent connections")
     p.add_argument("--scenarios", default=",".join(SCENARIOS), help=f"comma-separated, of {list(SCENARIOS)}")
     p.add_argument(
