@@ -618,20 +618,22 @@ class TTEmbeddingBag(nn.Module):
         unique, inverse = torch.unique(rows, return_inverse=True)
         if self.use_cache:
             values = self._rows_with_cache(unique, *cache_lookup(self.cache_rows, unique))
-        elif unique.numel():
-            cores = [c.detach() for c in self.tt_cores]
-            values = tt_forward(cores, self.layout.build_tree(unique), self.tt_q_shapes)[0]
         else:
-            values = self.tt_cores[0].new_zeros((0, self.embedding_dim))
+            values = self._contracted_rows(unique)
         return values.index_select(0, inverse)
 
-    def _rows_with_cache(self, unique, hit, slot) -> torch.Tensor:
+    def _contracted_rows(self, unique: torch.Tensor) -> torch.Tensor:
+        """Sorted distinct ``unique`` ids -> their rows from the cores, by the native contraction, no autograd."""
+        if unique.numel() == 0:
+            return self.tt_cores[0].new_zeros((0, self.embedding_dim))
         cores = [c.detach() for c in self.tt_cores]
+        return tt_forward(cores, self.layout.build_tree(unique), self.tt_q_shapes)[0]
+
+    def _rows_with_cache(self, unique, hit, slot) -> torch.Tensor:
         rows = self.cache_weight.new_empty((unique.numel(), self.embedding_dim))
         hits, misses = _positions(hit)
         if misses.numel():
-            tree = self.layout.build_tree(unique.index_select(0, misses))
-            rows.index_copy_(0, misses, tt_forward(cores, tree, self.tt_q_shapes)[0])
+            rows.index_copy_(0, misses, self._contracted_rows(unique.index_select(0, misses)))
         rows.index_copy_(0, hits, self.cache_weight.index_select(0, slot.index_select(0, hits)))
         return rows
 
