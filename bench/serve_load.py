@@ -134,11 +134,12 @@ async def open_loop(
     idle: list = []
     slots = asyncio.Semaphore(max_connections)
     accepted: list[float] = []
-    refused, other = 0, []
+    refused, counted_requests, other = 0, 0, []
 
     async def one(due: float) -> None:
-        nonlocal refused
+        nonlocal refused, counted_requests
         counted = due >= measured_from
+        counted_requests += counted
         await asyncio.sleep(max(0.0, due - time.perf_counter()))
         async with slots:
             connection = idle.pop() if idle else await asyncio.open_connection(host, port)
@@ -171,7 +172,6 @@ async def open_loop(
     start = time.perf_counter() + 0.05
     measured_from = start + warmup
     await asyncio.gather(*(one(start + k / rate) for k in range(int(rate * (warmup + seconds)))))
-    total = int(rate * seconds)  # the counted ones
     for _, writer in idle:
         writer.close()
     lat = np.array(accepted) * 1000
@@ -180,7 +180,7 @@ async def open_loop(
         "accepted_rps": len(lat) / seconds,
         "p50": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
         "p99": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
-        "refused_share": refused / total if total else 0.0,
+        "refused_share": refused / counted_requests if counted_requests else 0.0,
         "other": len(other),
         "other_kinds": sorted({str(o) for o in other}),
     }
